@@ -1,0 +1,179 @@
+"""Every configuration key of dino_research, with its default.
+
+The defaults are the DINO paper's ViT-S/16 recipe (Caron et al. 2021, "Emerging Properties in
+Self-Supervised Vision Transformers", and the reference implementation's ``main_dino.py``).
+Each default carries the type a value must have: yacs rejects ``SOLVER.BASE_LR 1`` (an int where a
+float is expected) and any key that is not listed here, so a typo can never be silently ignored.
+
+Leaf configs under ``configs/`` hold only what differs from these values.
+"""
+
+from .config import CfgNode as CN
+
+_C = CN()
+
+# Version of the config layout; bumped when keys are renamed so old files fail loudly.
+_C.VERSION = 1
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Meta-architecture (META_ARCH_REGISTRY name): ties backbone, head, loss and teacher together.
+_C.MODEL.META_ARCHITECTURE = "DINO"
+# Path (local or iopath URI) of weights to initialize from; "" trains from scratch. Nothing is ever
+# downloaded: hub names are not accepted here.
+_C.MODEL.WEIGHTS = ""
+
+_C.MODEL.BACKBONE = CN()
+# BACKBONE_REGISTRY name: vit_tiny, vit_small, vit_base (DINO's ViTs on timm), resnet50
+# (torchvision, classifier removed) or timm (any timm model, named by TIMM_MODEL).
+_C.MODEL.BACKBONE.NAME = "vit_small"
+# ViT patch size in pixels: 16 or 8 for the paper's models (8 costs ~4x the compute of 16).
+_C.MODEL.BACKBONE.PATCH_SIZE = 16
+# Stochastic depth rate of the *student* backbone (paper: 0.1). The teacher always uses 0.
+_C.MODEL.BACKBONE.DROP_PATH_RATE = 0.1
+# timm model name used when NAME is "timm" (e.g. "convnext_tiny", "xcit_small_12_p16_224").
+# Built with pretrained=False: weights only come from MODEL.WEIGHTS.
+_C.MODEL.BACKBONE.TIMM_MODEL = ""
+
+_C.MODEL.HEAD = CN()
+# HEAD_REGISTRY name of the projection head put on top of the backbone.
+_C.MODEL.HEAD.NAME = "DINOHead"
+# Number of prototypes K, the dimension of the softmax outputs (paper: 65536).
+_C.MODEL.HEAD.OUT_DIM = 65536
+# Width of the hidden MLP layers (paper: 2048).
+_C.MODEL.HEAD.HIDDEN_DIM = 2048
+# Width of the bottleneck before L2 normalization and the prototype layer (paper: 256).
+_C.MODEL.HEAD.BOTTLENECK_DIM = 256
+# Number of Linear layers of the MLP, the bottleneck layer included (paper: 3).
+_C.MODEL.HEAD.NUM_LAYERS = 3
+# BatchNorm between the MLP layers. The paper uses none for ViTs; its ResNet-50 recipe uses it.
+_C.MODEL.HEAD.USE_BN = False
+# Freeze the weight-norm gain of the prototype layer at 1 (paper: True for ViT-S stability).
+_C.MODEL.HEAD.NORM_LAST_LAYER = True
+
+_C.MODEL.LOSS = CN()
+# LOSS_REGISTRY name.
+_C.MODEL.LOSS.NAME = "DINOLoss"
+# Student softmax temperature tau_s (paper: 0.1).
+_C.MODEL.LOSS.STUDENT_TEMP = 0.1
+# Teacher softmax temperature tau_t after warmup (paper: 0.04; 0.07 is safer for long warmups).
+_C.MODEL.LOSS.TEACHER_TEMP = 0.04
+# Teacher temperature at epoch 0; rises linearly to TEACHER_TEMP over WARMUP_TEACHER_TEMP_EPOCHS.
+_C.MODEL.LOSS.WARMUP_TEACHER_TEMP = 0.04
+# Epochs of teacher-temperature warmup (paper ViT-S/16 100ep: 0; 30 with TEACHER_TEMP 0.07).
+_C.MODEL.LOSS.WARMUP_TEACHER_TEMP_EPOCHS = 0
+# EMA rate m of the center: center = m * center + (1 - m) * batch mean (paper: 0.9).
+_C.MODEL.LOSS.CENTER_MOMENTUM = 0.9
+# SCHEDULER_REGISTRY name shaping the teacher temperature; evaluated per epoch, as in the paper.
+_C.MODEL.LOSS.TEACHER_TEMP_SCHEDULER = "constant"
+
+_C.MODEL.TEACHER = CN()
+# EMA_REGISTRY name: how a momentum is applied to the teacher. "ParamEMA" is the paper's rule
+# (parameters only); "ParamAndBufferEMA" also averages floating buffers (BatchNorm statistics).
+_C.MODEL.TEACHER.EMA = "ParamEMA"
+# Teacher momentum at iteration 0; follows MOMENTUM_SCHEDULER to 1.0 at the end (paper: 0.996).
+_C.MODEL.TEACHER.MOMENTUM = 0.996
+# Momentum at the last iteration (paper: 1.0).
+_C.MODEL.TEACHER.MOMENTUM_END = 1.0
+# SCHEDULER_REGISTRY name shaping the teacher momentum (paper: cosine).
+_C.MODEL.TEACHER.MOMENTUM_SCHEDULER = "cosine"
+
+# ---------------------------------------------------------------------------------------------------
+# Input / multi-crop augmentation
+# ---------------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# AUGMENTATION_REGISTRY name: image -> list of crops, the global crops first.
+_C.INPUT.AUGMENTATION = "DINOMultiCrop"
+# Side of the two global crops in pixels (paper: 224).
+_C.INPUT.GLOBAL_CROP_SIZE = 224
+# Area range of RandomResizedCrop for global crops, as fractions of the image (paper: 0.4 to 1.0).
+_C.INPUT.GLOBAL_CROPS_SCALE = (0.4, 1.0)
+# Number of small local crops seen by the student only (paper: 8; 0 disables multi-crop).
+_C.INPUT.LOCAL_CROPS_NUMBER = 8
+# Side of the local crops in pixels (paper: 96).
+_C.INPUT.LOCAL_CROP_SIZE = 96
+# Area range of RandomResizedCrop for local crops (paper: 0.05 to 0.4).
+_C.INPUT.LOCAL_CROPS_SCALE = (0.05, 0.4)
+# Aspect-ratio range of every RandomResizedCrop (torchvision's default, as the paper).
+_C.INPUT.CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Probability of a horizontal flip, every crop (paper: 0.5).
+_C.INPUT.FLIP_PROB = 0.5
+# ColorJitter (brightness, contrast, saturation, hue) strengths (paper: 0.4, 0.4, 0.2, 0.1).
+_C.INPUT.COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
+# Probability that the color jitter is applied, every crop (paper: 0.8).
+_C.INPUT.COLOR_JITTER_PROB = 0.8
+# Probability of converting to grayscale, every crop (paper: 0.2).
+_C.INPUT.GRAYSCALE_PROB = 0.2
+# Gaussian blur radius range in pixels, drawn uniformly per application (paper: 0.1 to 2.0).
+_C.INPUT.BLUR_RADIUS = (0.1, 2.0)
+# Blur probability for the first and the second global crop (paper: 1.0 and 0.1).
+_C.INPUT.GLOBAL_BLUR_PROBS = (1.0, 0.1)
+# Blur probability for each local crop (paper: 0.5).
+_C.INPUT.LOCAL_BLUR_PROB = 0.5
+# Solarization probability for the first and the second global crop (paper: 0.0 and 0.2).
+_C.INPUT.GLOBAL_SOLARIZE_PROBS = (0.0, 0.2)
+# Solarization threshold on the 0-255 scale (PIL's ImageOps.solarize default, as the paper).
+_C.INPUT.SOLARIZE_THRESHOLD = 128
+# Per-channel normalization, RGB order, 0-1 scale (ImageNet statistics, as the paper).
+_C.INPUT.MEAN = (0.485, 0.456, 0.406)
+_C.INPUT.STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets and loading
+# ---------------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# DATASET_REGISTRY name of the pretraining set (labels, if any, are ignored by DINO).
+_C.DATASETS.TRAIN = "ImageFolder"
+# Root of the pretraining set (local path or iopath URI), read by TRAIN's builder.
+_C.DATASETS.TRAIN_ROOT = "datasets/imagenet/train"
+# Number of images of the "Synthetic" dataset (tests and smoke runs; no file is read).
+_C.DATASETS.SYNTHETIC_SIZE = 64
+# Side in pixels of the "Synthetic" dataset's images.
+_C.DATASETS.SYNTHETIC_IMAGE_SIZE = 64
+
+_C.DATALOADER = CN()
+# Loader worker processes per training process (paper: 10 per GPU).
+_C.DATALOADER.NUM_WORKERS = 10
+
+# ---------------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Optimizer: "adamw" (paper, ViTs), "sgd" (momentum 0.9) or "lars" (paper, ResNet-50).
+_C.SOLVER.OPTIMIZER = "adamw"
+# Peak learning rate for a total batch of 256; the run uses BASE_LR * total_batch / 256 (paper).
+_C.SOLVER.BASE_LR = 0.0005
+# Learning rate at the end of the cosine decay (paper: 1e-6).
+_C.SOLVER.MIN_LR = 1e-6
+# Epochs of linear learning-rate warmup from 0 (paper: 10).
+_C.SOLVER.WARMUP_EPOCHS = 10
+# SCHEDULER_REGISTRY name shaping the learning rate after warmup (paper: cosine).
+_C.SOLVER.LR_SCHEDULER = "cosine"
+# Training length in epochs (paper ViT-S/16 table: 100; the 800-epoch runs score higher).
+_C.SOLVER.EPOCHS = 100
+# Weight decay at iteration 0, on weights only (never on biases and 1-D parameters) (paper: 0.04).
+_C.SOLVER.WEIGHT_DECAY = 0.04
+# Weight decay at the end of training (paper: 0.4).
+_C.SOLVER.WEIGHT_DECAY_END = 0.4
+# SCHEDULER_REGISTRY name shaping the weight decay (paper: cosine).
+_C.SOLVER.WEIGHT_DECAY_SCHEDULER = "cosine"
+# Maximum gradient norm of each parameter, clipped separately (paper: 3.0; 0 disables).
+_C.SOLVER.CLIP_GRAD = 3.0
+# Epochs during which the head's last (prototype) layer gets no update (paper: 1).
+_C.SOLVER.FREEZE_LAST_LAYER_EPOCHS = 1
+# Images per training process per iteration (paper: 64 x 16 GPUs = 1024).
+_C.SOLVER.BATCH_SIZE_PER_GPU = 64
+# Momentum of SGD and LARS (paper's ResNet-50 recipe: 0.9). Unused by AdamW.
+_C.SOLVER.MOMENTUM = 0.9
+# AdamW betas (PyTorch default, as the paper).
+_C.SOLVER.BETAS = (0.9, 0.999)
+
+# ---------------------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------------------
+# Where checkpoints, logs, metrics and the dumped config go.
+_C.OUTPUT_DIR = "./output"
+# Global seed; each rank and data-loader worker derives its own from it.
+_C.SEED = 0

@@ -1,0 +1,41 @@
+"""Data registries: augmentations (image -> crops) and datasets (root -> images)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fvcore.common.registry import Registry
+
+from ..utils.registry import lookup
+
+AUGMENTATION_REGISTRY = Registry("AUGMENTATION")
+AUGMENTATION_REGISTRY.__doc__ = """
+Pretraining augmentations, selected by ``INPUT.AUGMENTATION``.
+
+Called as ``obj(cfg) -> callable``; the callable maps one RGB ``PIL.Image`` to a list of float tensors
+``(3, h_i, w_i)``, normalized, the crops the teacher sees (the global crops) first. Its attribute
+``num_global_crops: int`` says how many of the leading crops are global. Randomness comes from
+``random`` and ``torch``'s global generators, so seeding a data-loader worker makes it reproducible.
+"""
+
+DATASET_REGISTRY = Registry("DATASET")
+DATASET_REGISTRY.__doc__ = """
+Datasets, selected by ``DATASETS.TRAIN`` (and the evaluation keys).
+
+Called as ``obj(cfg, root: str, train: bool, transform: callable | None) -> torch.utils.data.Dataset``
+whose items are ``(transform(image), label: int)``, ``image`` an RGB ``PIL.Image``; ``label`` is -1
+where there is none. ``root`` is a local path or an iopath URI. Builders check that the data exist
+and fail with a message naming ``root`` otherwise; they never download unless a config key asks.
+"""
+
+
+def build_augmentation(cfg) -> Callable:
+    """Build ``INPUT.AUGMENTATION``: a callable ``PIL.Image -> list[Tensor (3, h, w)]``."""
+    aug = lookup(AUGMENTATION_REGISTRY, cfg.INPUT.AUGMENTATION, "INPUT.AUGMENTATION")(cfg)
+    assert callable(aug), f"augmentation {cfg.INPUT.AUGMENTATION} must be callable"
+    return aug
+
+
+def build_dataset(cfg, name: str, root: str, train: bool, transform: Callable | None):
+    """Build the registered dataset ``name`` at ``root`` with ``transform`` applied to each image."""
+    return lookup(DATASET_REGISTRY, name, "DATASETS.TRAIN")(cfg, root=root, train=train, transform=transform)

@@ -1,0 +1,126 @@
+"""Model registries and their builders.
+
+Every extension point of the model is a registry; a new component is one decorated class in one
+file (inside the package or in a project that is imported before building).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+from fvcore.common.registry import Registry
+
+from ..utils.registry import lookup
+
+BACKBONE_REGISTRY = Registry("BACKBONE")
+BACKBONE_REGISTRY.__doc__ = """
+Backbones, selected by ``MODEL.BACKBONE.NAME``.
+
+A registered object is called as ``obj(cfg, drop_path_rate: float) -> nn.Module`` and must return a
+module with
+
+* ``embed_dim: int``, the feature width D;
+* ``forward(x (B, 3, H, W) float) -> (B, D)``, one embedding per image (for ViTs the final-normed CLS
+  token), for every crop size the augmentation produces.
+
+ViT backbones also provide ``patch_size: int``, ``num_heads: int``,
+``get_intermediate_layers(x, n) -> list of n (B, N+1, D)`` and
+``get_last_selfattention(x) -> (B, heads, N+1, N+1)``, used by the evaluation tools.
+The backbone must not load weights: initialization from files is the checkpointer's job.
+"""
+
+HEAD_REGISTRY = Registry("HEAD")
+HEAD_REGISTRY.__doc__ = """
+Projection heads, selected by ``MODEL.HEAD.NAME``.
+
+Called as ``obj(cfg, in_dim: int) -> nn.Module`` whose ``forward(x (N, in_dim)) -> (N, K)`` returns
+the logits over the K prototypes, and which exposes ``last_layer: nn.Module | None``, the layer
+frozen during ``SOLVER.FREEZE_LAST_LAYER_EPOCHS`` (``None``: nothing to freeze).
+"""
+
+LOSS_REGISTRY = Registry("LOSS")
+LOSS_REGISTRY.__doc__ = """
+Self-distillation losses, selected by ``MODEL.LOSS.NAME``.
+
+Called as ``obj(cfg) -> nn.Module`` with
+``forward(student_out (n_crops*B, K), teacher_out (n_global*B, K), teacher_temp: float,
+update_state: bool = True) -> scalar``, both inputs crop-major (all images of crop 0, then crop 1,
+...). State the loss keeps across steps (DINO's center) lives in buffers, so it is checkpointed with
+the model; ``forward`` updates it after computing the loss unless ``update_state=False``, and
+``update_state(teacher_out)`` updates it alone (the trainer's way to update it once per optimizer
+step under gradient accumulation). A stateless loss makes ``update_state`` a no-op.
+"""
+
+EMA_REGISTRY = Registry("EMA")
+EMA_REGISTRY.__doc__ = """
+Teacher update rules, selected by ``MODEL.TEACHER.EMA``. A rule says *how* a momentum is applied; the
+momentum's value over training is a schedule (SCHEDULER_REGISTRY), not part of the rule.
+
+Called as ``obj(cfg, student: nn.Module, teacher: nn.Module)`` and then, once per optimizer step,
+``rule.update(momentum: float) -> None`` which moves the teacher towards the student in place, under
+``torch.no_grad()``. ``student`` and ``teacher`` must have the same architecture.
+"""
+
+META_ARCH_REGISTRY = Registry("META_ARCH")
+META_ARCH_REGISTRY.__doc__ = """
+Meta-architectures, selected by ``MODEL.META_ARCHITECTURE``.
+
+Called as ``obj(cfg) -> nn.Module``. The module's ``forward(crops: list of (B, 3, h_i, w_i),
+teacher_temp: float) -> dict`` returns at least ``"loss"`` (a scalar to back-propagate) and
+``"teacher_out"`` (detached, for state updates and metrics). It exposes ``student`` and ``teacher``
+(the modules the EMA rule pairs), ``loss`` (the loss module) and ``last_layer_parameters() ->
+list[nn.Parameter]`` (the student parameters frozen at the start of training).
+"""
+
+
+def build_backbone(cfg, drop_path_rate: Optional[float] = None) -> nn.Module:
+    """Build ``MODEL.BACKBONE.NAME`` with ``drop_path_rate`` (default ``MODEL.BACKBONE.DROP_PATH_RATE``).
+
+    Returns a randomly initialized backbone with an ``embed_dim`` attribute; does not load weights.
+    """
+    if drop_path_rate is None:
+        drop_path_rate = cfg.MODEL.BACKBONE.DROP_PATH_RATE
+    builder = lookup(BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME")
+    backbone = builder(cfg, drop_path_rate=drop_path_rate)
+    assert isinstance(backbone, nn.Module), f"{cfg.MODEL.BACKBONE.NAME} returned {type(backbone)}"
+    assert isinstance(getattr(backbone, "embed_dim", None), int), (
+        f"backbone {cfg.MODEL.BACKBONE.NAME} must expose an integer `embed_dim`"
+    )
+    return backbone
+
+
+def build_head(cfg, in_dim: int) -> nn.Module:
+    """Build ``MODEL.HEAD.NAME`` taking ``in_dim`` features; returns a module with ``last_layer``."""
+    head = lookup(HEAD_REGISTRY, cfg.MODEL.HEAD.NAME, "MODEL.HEAD.NAME")(cfg, in_dim=in_dim)
+    assert isinstance(head, nn.Module) and hasattr(head, "last_layer"), (
+        f"head {cfg.MODEL.HEAD.NAME} must be an nn.Module with a `last_layer` attribute"
+    )
+    return head
+
+
+def build_loss(cfg) -> nn.Module:
+    """Build ``MODEL.LOSS.NAME``; its state (the center) starts at its initial value."""
+    loss = lookup(LOSS_REGISTRY, cfg.MODEL.LOSS.NAME, "MODEL.LOSS.NAME")(cfg)
+    assert isinstance(loss, nn.Module), f"loss {cfg.MODEL.LOSS.NAME} must be an nn.Module"
+    return loss
+
+
+def build_ema(cfg, student: nn.Module, teacher: nn.Module):
+    """Build the teacher update rule ``MODEL.TEACHER.EMA`` pairing ``student`` and ``teacher``.
+
+    The rule keeps references to the models' tensors for speed: build it after the model has been
+    moved to its final device (``Module.to`` replaces buffers with new tensors).
+    """
+    return lookup(EMA_REGISTRY, cfg.MODEL.TEACHER.EMA, "MODEL.TEACHER.EMA")(cfg, student, teacher)
+
+
+def build_model(cfg) -> nn.Module:
+    """Build ``MODEL.META_ARCHITECTURE`` on the CPU, randomly initialized.
+
+    Does not move the model to a device, wrap it in DDP or load ``MODEL.WEIGHTS``: the trainer and
+    the checkpointer do that.
+    """
+    model = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")(cfg)
+    assert isinstance(model, nn.Module), f"{cfg.MODEL.META_ARCHITECTURE} must be an nn.Module"
+    return model
