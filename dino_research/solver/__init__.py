@@ -1,0 +1,26 @@
+"""Solver: schedule shapes (SCHEDULER_REGISTRY), optimizers with DINO's parameter groups."""
+
+from .build import (
+    SCHEDULER_REGISTRY,
+    apply_schedules,
+    build_optimizer,
+    build_schedules,
+    clip_grad_per_param_,
+    get_param_groups,
+    scaled_lr,
+    total_batch_size,
+)
+from . import schedules  # noqa: F401  (registration on import)
+from .lars import LARS
+
+__all__ = [
+    "LARS",
+    "SCHEDULER_REGISTRY",
+    "apply_schedules",
+    "build_optimizer",
+    "build_schedules",
+    "clip_grad_per_param_",
+    "get_param_groups",
+    "scaled_lr",
+    "total_batch_size",
+]
