@@ -1,0 +1,279 @@
+"""DINO's multi-crop augmentation, registered in ``AUGMENTATION_REGISTRY``.
+
+``DINOMultiCrop`` reproduces ``DataAugmentationDINO`` of the reference implementation (Caron et al.
+2021, ``main_dino.py``): two global crops and ``LOCAL_CROPS_NUMBER`` local crops, each a
+RandomResizedCrop (bicubic) followed by flip, color jitter, grayscale, Gaussian blur and, on global
+crops, solarization, then ToTensor and Normalize. The operations, their order, their parameters and
+the random generator each one draws from are the reference's, so with the paper's settings and the
+same seeds the crops equal the reference's bit for bit (``tests/data/test_augmentations.py`` checks it).
+
+The public interface is ``DINOMultiCrop(cfg)`` or ``DINOMultiCrop(**kwargs)``, then
+``aug(image) -> list[Tensor (3, h, w)]``. How the pipelines are built (``_build_pipelines``) is an
+internal detail that a faster implementation may replace.
+"""
+
+from __future__ import annotations
+
+import random
+from numbers import Real
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+from ..config import configurable
+from .build import AUGMENTATION_REGISTRY
+from .datasets import to_rgb
+
+__all__ = ["DINOMultiCrop", "RandomGaussianBlur", "RandomSolarize"]
+
+
+class RandomGaussianBlur:
+    """With probability ``p``, PIL's ``GaussianBlur`` with a radius drawn uniformly in ``radius``.
+
+    Draws from Python's ``random`` (one number, two when applied), as the reference does. The
+    reference tests ``random() <= p``; ``<`` here makes p = 0 exact and differs only on a draw equal
+    to p (probability ~2**-53).
+    """
+
+    def __init__(self, p: float, radius: tuple[float, float]):
+        self.p = p
+        self.radius = radius
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+        return image
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(p={self.p}, radius={tuple(self.radius)})"
+
+
+class RandomSolarize:
+    """With probability ``p``, PIL's ``ImageOps.solarize``: every value ``v >= threshold`` becomes
+    ``255 - v``. Draws one number from Python's ``random``, as the reference does."""
+
+    def __init__(self, p: float, threshold: int):
+        self.p = p
+        self.threshold = threshold
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return ImageOps.solarize(image, self.threshold)
+        return image
+
+    def __repr__(self) -> str:
+        return f"Solarize(p={self.p}, threshold={self.threshold})"
+
+
+def _key(arg: str) -> str:
+    """Config key of an ``__init__`` argument (they correspond one to one)."""
+    return f"INPUT.{arg.upper()}"
+
+
+def _check_probability(arg: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{_key(arg)} ({arg}) must be a probability in [0, 1]; got {value!r}")
+    return float(value)
+
+
+def _check_int(arg: str, value, low: int, high: int | None) -> int:
+    in_range = isinstance(value, int) and low <= value and (high is None or value <= high)
+    if isinstance(value, bool) or not in_range:
+        interval = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{_key(arg)} ({arg}) must be an int {interval}; got {value!r}")
+    return value
+
+
+def _check_numbers(arg: str, value, length: int) -> tuple[float, ...]:
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != length
+        or any(isinstance(v, bool) or not isinstance(v, Real) for v in value)
+    ):
+        raise ValueError(f"{_key(arg)} ({arg}) must be a sequence of {length} numbers; got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _check_range(arg: str, value, low: float, high: float, low_open: bool = False) -> tuple[float, float]:
+    lo, hi = _check_numbers(arg, value, 2)
+    above_low = lo > low if low_open else lo >= low
+    if not (above_low and lo <= hi <= high):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(
+            f"{_key(arg)} ({arg}) must be (min, max) with min <= max, both in {interval}; got {value!r}"
+        )
+    return lo, hi
+
+
+@AUGMENTATION_REGISTRY.register()
+class DINOMultiCrop:
+    """PIL image -> ``[global_1, global_2, local_1, ..., local_N]``, normalized float tensors.
+
+    Global crops are ``(3, global_crop_size, global_crop_size)``, local crops
+    ``(3, local_crop_size, local_crop_size)``. Every crop: RandomResizedCrop (bicubic) -> horizontal
+    flip -> color jitter (applied with ``color_jitter_prob``) -> grayscale -> Gaussian blur ->
+    solarization (global crops; left out where its probability is 0, as the reference has none on
+    the first global crop and the local crops) -> ToTensor -> Normalize. With the paper's settings the
+    first global crop is always blurred and never solarized, the second rarely blurred and sometimes
+    solarized: the asymmetry makes the two teacher views differ.
+
+    Randomness comes from ``torch``'s global generator (crop, flip, jitter, grayscale, as
+    torchvision) and Python's ``random`` (blur, solarization), exactly as in the reference. Input
+    images of any mode are converted to RGB first (:func:`~dino_research.data.datasets.to_rgb`).
+    Every argument is the lower-case name of an ``INPUT`` config key; the defaults are the paper's.
+    """
+
+    # The first two crops are global: the teacher sees only these.
+    num_global_crops = 2
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        global_crop_size: int = 224,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_number: int = 8,
+        local_crop_size: int = 96,
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        flip_prob: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_radius: tuple[float, float] = (0.1, 2.0),
+        global_blur_probs: tuple[float, float] = (1.0, 0.1),
+        local_blur_prob: float = 0.5,
+        global_solarize_probs: tuple[float, float] = (0.0, 0.2),
+        solarize_threshold: int = 128,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    ):
+        self.global_crop_size = _check_int("global_crop_size", global_crop_size, 1, None)
+        self.local_crop_size = _check_int("local_crop_size", local_crop_size, 1, None)
+        self.local_crops_number = _check_int("local_crops_number", local_crops_number, 0, None)
+        self.global_crops_scale = _check_range("global_crops_scale", global_crops_scale, 0.0, 1.0, True)
+        self.local_crops_scale = _check_range("local_crops_scale", local_crops_scale, 0.0, 1.0, True)
+        self.crop_ratio = _check_range("crop_ratio", crop_ratio, 0.0, float("inf"), True)
+        self.flip_prob = _check_probability("flip_prob", flip_prob)
+        self.color_jitter = _check_numbers("color_jitter", color_jitter, 4)
+        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            raise ValueError(
+                f"{_key('color_jitter')} (color_jitter) must be (brightness, contrast, saturation, hue), "
+                f"all >= 0 and hue <= 0.5; got {color_jitter!r}"
+            )
+        self.color_jitter_prob = _check_probability("color_jitter_prob", color_jitter_prob)
+        self.grayscale_prob = _check_probability("grayscale_prob", grayscale_prob)
+        self.blur_radius = _check_range("blur_radius", blur_radius, 0.0, float("inf"))
+        self.global_blur_probs = tuple(
+            _check_probability("global_blur_probs", p)
+            for p in _check_numbers("global_blur_probs", global_blur_probs, 2)
+        )
+        self.local_blur_prob = _check_probability("local_blur_prob", local_blur_prob)
+        self.global_solarize_probs = tuple(
+            _check_probability("global_solarize_probs", p)
+            for p in _check_numbers("global_solarize_probs", global_solarize_probs, 2)
+        )
+        # Values >= the threshold are inverted: 0 inverts every value, 256 none.
+        self.solarize_threshold = _check_int("solarize_threshold", solarize_threshold, 0, 256)
+        self.mean = _check_numbers("mean", mean, 3)
+        self.std = _check_numbers("std", std, 3)
+        if min(self.std) <= 0:
+            raise ValueError(f"{_key('std')} (std) must be 3 positive numbers; got {std!r}")
+        self._build_pipelines()
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        c = cfg.INPUT
+        return {
+            "global_crop_size": c.GLOBAL_CROP_SIZE,
+            "global_crops_scale": c.GLOBAL_CROPS_SCALE,
+            "local_crops_number": c.LOCAL_CROPS_NUMBER,
+            "local_crop_size": c.LOCAL_CROP_SIZE,
+            "local_crops_scale": c.LOCAL_CROPS_SCALE,
+            "crop_ratio": c.CROP_RATIO,
+            "flip_prob": c.FLIP_PROB,
+            "color_jitter": c.COLOR_JITTER,
+            "color_jitter_prob": c.COLOR_JITTER_PROB,
+            "grayscale_prob": c.GRAYSCALE_PROB,
+            "blur_radius": c.BLUR_RADIUS,
+            "global_blur_probs": c.GLOBAL_BLUR_PROBS,
+            "local_blur_prob": c.LOCAL_BLUR_PROB,
+            "global_solarize_probs": c.GLOBAL_SOLARIZE_PROBS,
+            "solarize_threshold": c.SOLARIZE_THRESHOLD,
+            "mean": c.MEAN,
+            "std": c.STD,
+        }
+
+    # ------------------------------------------------------------------------------ pipelines
+    def _build_pipelines(self) -> None:
+        """Build ``self._global`` (one PIL pipeline per global crop), ``self._local`` and ``self._finish``.
+
+        A step whose probability is 0 is left out, so it draws no random number: the reference has
+        no solarization step on the first global crop or the local crops, and keeping the random
+        streams aligned with it is what makes the equivalence test exact.
+        """
+
+        def crop_pipeline(size, scale, blur_prob, solarize_prob):
+            bicubic = T.InterpolationMode.BICUBIC
+            steps = [T.RandomResizedCrop(size, scale=scale, ratio=self.crop_ratio, interpolation=bicubic)]
+            if self.flip_prob > 0:
+                steps.append(T.RandomHorizontalFlip(p=self.flip_prob))
+            if self.color_jitter_prob > 0:
+                steps.append(T.RandomApply([T.ColorJitter(*self.color_jitter)], p=self.color_jitter_prob))
+            if self.grayscale_prob > 0:
+                steps.append(T.RandomGrayscale(p=self.grayscale_prob))
+            if blur_prob > 0:
+                steps.append(RandomGaussianBlur(blur_prob, self.blur_radius))
+            if solarize_prob > 0:
+                steps.append(RandomSolarize(solarize_prob, self.solarize_threshold))
+            return steps
+
+        self._global = [
+            crop_pipeline(self.global_crop_size, self.global_crops_scale, blur, solarize)
+            for blur, solarize in zip(self.global_blur_probs, self.global_solarize_probs)
+        ]
+        self._local = crop_pipeline(self.local_crop_size, self.local_crops_scale, self.local_blur_prob, 0.0)
+        self._finish = [T.ToTensor(), T.Normalize(self.mean, self.std)]
+
+    @staticmethod
+    def _apply(steps, image):
+        for step in steps:
+            image = step(image)
+        return image
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        """``image`` (PIL, any mode) -> ``2 + local_crops_number`` tensors ``(3, h, w)``, global first."""
+        image = to_rgb(image)
+        # Reference order: global 1, global 2, then the local crops (fixes the random streams).
+        pils = [self._apply(steps, image) for steps in self._global]
+        pils += [self._apply(self._local, image) for _ in range(self.local_crops_number)]
+        return [self._apply(self._finish, crop) for crop in pils]
+
+    @property
+    def num_crops(self) -> int:
+        """Crops per image: ``num_global_crops + local_crops_number``."""
+        return self.num_global_crops + self.local_crops_number
+
+    def __repr__(self) -> str:
+        def line(name, steps):
+            return f"  {name}: " + " -> ".join(_short_repr(s) for s in steps + self._finish)
+
+        lines = [line(f"global crop {i + 1}", steps) for i, steps in enumerate(self._global)]
+        lines.append(line(f"local crops x{self.local_crops_number}", self._local))
+        return "DINOMultiCrop(\n" + "\n".join(lines) + "\n)"
+
+
+def _short_repr(step) -> str:
+    """One-line description of a pipeline step (torchvision's RandomApply repr spans lines)."""
+    if isinstance(step, T.RandomApply):
+        return f"RandomApply({', '.join(_short_repr(t) for t in step.transforms)}, p={step.p})"
+    if isinstance(step, T.RandomResizedCrop):
+        ratio = tuple(round(r, 4) for r in step.ratio)
+        scale = tuple(step.scale)
+        return f"RandomResizedCrop({step.size[0]}, scale={scale}, ratio={ratio}, {step.interpolation.value})"
+    if isinstance(step, T.ColorJitter):
+        b, c, s, h = (step.brightness, step.contrast, step.saturation, step.hue)
+        return f"ColorJitter(brightness={b}, contrast={c}, saturation={s}, hue={h})"
+    return " ".join(repr(step).split())
