@@ -24,6 +24,9 @@ _C.MODEL.META_ARCHITECTURE = "DINO"
 # Path (local or iopath URI) of weights to initialize from; "" trains from scratch. Nothing is ever
 # downloaded: hub names are not accepted here.
 _C.MODEL.WEIGHTS = ""
+# Where to train: "auto" (the local CUDA device of this process if there is one, else the CPU),
+# "cpu" or "cuda".
+_C.MODEL.DEVICE = "auto"
 
 _C.MODEL.BACKBONE = CN()
 # BACKBONE_REGISTRY name: vit_tiny, vit_small, vit_base (DINO's ViTs on timm), resnet50
@@ -133,6 +136,10 @@ _C.DATASETS.SYNTHETIC_SIZE = 64
 # Side in pixels of the "Synthetic" dataset's images.
 _C.DATASETS.SYNTHETIC_IMAGE_SIZE = 64
 
+# Fetch a dataset that supports downloading (FashionMNIST through torchvision) when it is not found
+# locally. Off by default: nothing is downloaded unless asked.
+_C.DATASETS.DOWNLOAD = False
+
 _C.DATALOADER = CN()
 # Loader worker processes per training process (paper: 10 per GPU).
 _C.DATALOADER.NUM_WORKERS = 10
@@ -169,6 +176,20 @@ _C.SOLVER.BATCH_SIZE_PER_GPU = 64
 _C.SOLVER.MOMENTUM = 0.9
 # AdamW betas (PyTorch default, as the paper).
 _C.SOLVER.BETAS = (0.9, 0.999)
+# Micro-batches accumulated per optimizer step. The total batch (and so the scaled learning rate)
+# is BATCH_SIZE_PER_GPU * world size * ACCUMULATE_STEPS; the teacher EMA and the center are updated
+# once per optimizer step, so accumulation matches training with the larger batch.
+_C.SOLVER.ACCUMULATE_STEPS = 1
+# Write OUTPUT_DIR/last_checkpoint.pth every this many iterations (and at each epoch end).
+_C.SOLVER.CHECKPOINT_PERIOD = 1000
+# Keep a numbered snapshot checkpoint_EEEE.pth every this many epochs (0: none; reference: 20).
+_C.SOLVER.SNAPSHOT_EPOCHS = 20
+
+_C.SOLVER.AMP = CN()
+# Mixed precision for the forward pass (paper: on, float16). Off on a CPU unless DTYPE is bfloat16.
+_C.SOLVER.AMP.ENABLED = True
+# "float16" (CUDA only; with a gradient scaler) or "bfloat16" (CPU and recent GPUs; no scaler).
+_C.SOLVER.AMP.DTYPE = "float16"
 
 # ---------------------------------------------------------------------------------------------------
 # Misc
@@ -177,3 +198,5 @@ _C.SOLVER.BETAS = (0.9, 0.999)
 _C.OUTPUT_DIR = "./output"
 # Global seed; each rank and data-loader worker derives its own from it.
 _C.SEED = 0
+# Log and write metrics every this many iterations.
+_C.LOG_PERIOD = 20

@@ -27,9 +27,10 @@ LR_REFERENCE_BATCH = 256
 
 
 def total_batch_size(cfg, world_size: Optional[int] = None) -> int:
-    """Images per optimizer step over all processes: ``BATCH_SIZE_PER_GPU * world_size``."""
+    """Images per optimizer step over all processes:
+    ``BATCH_SIZE_PER_GPU * world_size * ACCUMULATE_STEPS``."""
     world_size = comm.get_world_size() if world_size is None else world_size
-    return cfg.SOLVER.BATCH_SIZE_PER_GPU * world_size
+    return cfg.SOLVER.BATCH_SIZE_PER_GPU * world_size * cfg.SOLVER.ACCUMULATE_STEPS
 
 
 def scaled_lr(cfg, world_size: Optional[int] = None) -> float:
