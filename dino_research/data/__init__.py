@@ -1,6 +1,19 @@
 """Data: registries and builders, then the modules that register augmentations and datasets."""
 
 from .build import AUGMENTATION_REGISTRY, DATASET_REGISTRY, build_augmentation, build_dataset
-from . import augmentations, datasets  # noqa: F401  (registration on import)
+from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
+from .loader import PretrainLoader, SeededSampleDataset, build_pretrain_loader, collate_crops
+from .samplers import ResumableDistributedSampler, derive_seed
 
-__all__ = ["AUGMENTATION_REGISTRY", "DATASET_REGISTRY", "build_augmentation", "build_dataset"]
+__all__ = [
+    "AUGMENTATION_REGISTRY",
+    "DATASET_REGISTRY",
+    "PretrainLoader",
+    "ResumableDistributedSampler",
+    "SeededSampleDataset",
+    "build_augmentation",
+    "build_dataset",
+    "build_pretrain_loader",
+    "collate_crops",
+    "derive_seed",
+]

@@ -1,0 +1,290 @@
+"""The pretraining data loader: exact resume at any batch, with any number of workers and ranks.
+
+Two things make a run killed at batch ``k`` and resumed there bitwise identical to an uninterrupted one:
+
+1. *Which* samples a batch holds depends only on ``(seed, epoch, position)``:
+   :class:`~dino_research.data.samplers.ResumableDistributedSampler` computes each epoch's order from a
+   seed and can start anywhere in it.
+2. *How* a sample is augmented depends only on ``(seed, epoch, index)``: :class:`SeededSampleDataset`
+   seeds ``random``, ``numpy.random`` and torch's CPU generator from them right before the transform,
+   so it does not matter which worker draws the sample, or what that worker drew before.
+
+Nothing here draws from the trainer's global generators (stochastic depth draws from torch's), so a
+resumed run that restores them continues their stream exactly: the per-sample seeding restores the
+states it changes, and the ``DataLoader`` draws its worker base seed from a private generator.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import random
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+
+from ..config import configurable
+from .samplers import ResumableDistributedSampler, derive_seed
+
+__all__ = ["PretrainLoader", "SeededSampleDataset", "build_pretrain_loader", "collate_crops"]
+
+# Stream tags: the per-sample, per-worker and DataLoader seeds never coincide with each other or
+# with the sampler's epoch-order seed, even for equal (seed, epoch, index) numbers.
+_SAMPLE_STREAM = 0x53414D50  # "SAMP"
+_WORKER_STREAM = 0x574F524B  # "WORK"
+_LOADER_STREAM = 0x4C4F4144  # "LOAD"
+_MASK32 = 0xFFFFFFFF
+
+
+def seed_global_generators(seed: int) -> None:
+    """Seed Python's ``random``, the legacy ``numpy.random`` and torch's CPU generator from a 64-bit
+    ``seed``. Only the CPU generator: ``torch.manual_seed`` would also reseed every CUDA device."""
+    random.seed(seed)
+    # Legacy numpy takes 32-bit seeds; an int seeds 5x faster than a sequence of words.
+    np.random.seed((seed ^ (seed >> 32)) & _MASK32)
+    torch.default_generator.manual_seed(seed)
+
+
+class SeededSampleDataset(Dataset):
+    """``dataset`` whose item ``(epoch, index)`` is ``dataset[index]`` computed under a fixed seed.
+
+    Before reading item ``index`` of epoch ``epoch`` the global generators that augmentations draw from
+    (Python ``random``, ``numpy.random``, torch's CPU generator) are seeded with
+    ``derive_seed(seed, epoch, index)``; afterwards their previous states are put back. The crops of a
+    sample are then a pure function of ``(seed, epoch, index)``: the same in any worker, any process,
+    after any history, and different in every epoch.
+
+    Restoring the states keeps the trainer's own random streams intact when items are read in the
+    main process (``num_workers=0``). In a loader worker nothing else draws between samples, so only
+    the cheap part is done there: ``random`` and torch are restored (~15 us), numpy, whose state takes
+    ~85 us to save and restore, is not. Seeding and restoring cost ~30 us per sample in a worker and
+    ~120-170 us in the main process, against ~20 ms for the paper's multi-crop augmentation.
+
+    A plain integer ``index`` means ``(0, index)``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset = dataset
+        self.seed = operator.index(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample_seed(self, epoch: int, index: int) -> int:
+        """The 64-bit seed under which item ``index`` of ``epoch`` is read."""
+        return derive_seed(_SAMPLE_STREAM, self.seed, epoch, index)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+        else:
+            epoch, index = 0, key
+        epoch, index = operator.index(epoch), operator.index(index)
+        python_state, torch_state = random.getstate(), torch.default_generator.get_state()
+        numpy_state = np.random.get_state() if get_worker_info() is None else None
+        try:
+            seed_global_generators(self.sample_seed(epoch, index))
+            return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            torch.default_generator.set_state(torch_state)
+            if numpy_state is not None:
+                np.random.set_state(numpy_state)
+
+    def __repr__(self) -> str:
+        return f"SeededSampleDataset({self.dataset!r}, seed={self.seed})"
+
+
+def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``[(crops, label), ...]`` of B samples, ``crops`` a list of ``(3, h_c, w_c)`` tensors
+    -> ``([Tensor (B, 3, h_c, w_c) for each crop c], labels int64 (B,))``.
+
+    Crop ``c`` of every sample must have the same shape (true for multi-crop: crop sizes are fixed).
+    ``default_collate`` stacks, so inside a worker the batch is built directly in shared memory.
+    """
+    if not batch:
+        raise ValueError("collate_crops: empty batch")
+    num_crops = None
+    for crops, _ in batch:
+        if not isinstance(crops, (list, tuple)):
+            raise TypeError(
+                f"collate_crops: the transform must return a list of crop tensors (3, h, w); got "
+                f"{type(crops).__name__}. Use a multi-crop augmentation (INPUT.AUGMENTATION)."
+            )
+        if num_crops is None:
+            num_crops = len(crops)
+        elif len(crops) != num_crops:
+            raise ValueError(f"collate_crops: samples have different numbers of crops ({num_crops}, {len(crops)})")
+    crops = [default_collate([sample[0][c] for sample in batch]) for c in range(num_crops)]
+    labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.int64)
+    return crops, labels
+
+
+def _init_worker(worker_id: int, *, seed: int, rank: int) -> None:
+    """Seed a worker from ``(seed, rank, worker_id)``. A fallback only: every sample is read under its
+    own seed by :class:`SeededSampleDataset`; this makes whatever draws outside it (e.g. a collate
+    function) deterministic too."""
+    seed_global_generators(derive_seed(_WORKER_STREAM, seed, rank, worker_id))
+
+
+class PretrainLoader:
+    """Infinite, resumable stream of multi-crop batches for one rank.
+
+    Global batch ``k`` of a rank is batch ``k % batches_per_epoch`` of epoch ``k // batches_per_epoch``;
+    ``iterate(k)`` starts there. It yields ``(crops, labels)``: ``crops`` a list with one float tensor
+    ``(batch_size, 3, h_c, w_c)`` per crop (global crops first, as the augmentation returns them),
+    ``labels`` int64 ``(batch_size,)`` (ignored by DINO). Every epoch holds exactly
+    ``batches_per_epoch`` batches, ``min(batches_per_epoch argument, num_samples_per_rank // batch_size)``;
+    the samples beyond are never read.
+
+    Batch ``k``'s content is a pure function of ``(dataset, seed, batch_size, world_size, rank, k,
+    batches_per_epoch)``: it does not depend on ``num_workers`` or on where iteration started, which is
+    what makes resume exact. With ``num_workers > 0`` workers are persistent (started once, reused across
+    epochs; the sampler runs in the main process, so ``set_epoch`` reaches them). One iteration at a
+    time: calling :meth:`iterate` again invalidates earlier iterators (advancing one raises). Abandoning
+    an iterator mid-epoch is safe; :meth:`close` stops the workers.
+
+    Args:
+        dataset: items ``(list of crop tensors (3, h, w), label)``; see ``DATASET_REGISTRY``.
+        batch_size: samples per batch on this rank (``SOLVER.BATCH_SIZE_PER_GPU``).
+        world_size, rank: data-parallel processes and this one's rank.
+        seed: base seed (``SEED``), the same on every rank.
+        num_workers: loader worker processes (``DATALOADER.NUM_WORKERS``); 0 reads in this process.
+        batches_per_epoch: cap on batches per epoch (None: as many full batches as the share holds).
+        pin_memory: pin batches in page-locked memory (for asynchronous copies to a GPU).
+        persistent_workers: keep workers alive between epochs (ignored when ``num_workers == 0``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        batches_per_epoch: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ):
+        batch_size, num_workers = operator.index(batch_size), operator.index(num_workers)
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"PretrainLoader: need batch_size >= 1 and num_workers >= 0; got {batch_size}, {num_workers}"
+            )
+        self.sampler = ResumableDistributedSampler(
+            len(dataset), world_size=world_size, rank=rank, seed=seed, shuffle=True, drop_last=True
+        )
+        full = self.sampler.num_samples_per_rank // batch_size
+        if batches_per_epoch is not None and operator.index(batches_per_epoch) < 1:
+            raise ValueError(f"PretrainLoader: batches_per_epoch must be >= 1 or None; got {batches_per_epoch}")
+        self.batches_per_epoch = full if batches_per_epoch is None else min(operator.index(batches_per_epoch), full)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"PretrainLoader: a dataset of {len(dataset)} images split over world size {world_size} gives "
+                f"each rank {self.sampler.num_samples_per_rank} images per epoch, fewer than one batch of "
+                f"{batch_size} (SOLVER.BATCH_SIZE_PER_GPU). Use a larger dataset, a smaller batch or fewer ranks."
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = operator.index(seed)
+        self.num_workers = num_workers
+        # The DataLoader draws a base seed for its workers from `generator` each time an iterator is
+        # created; the default (torch's global generator) would shift the trainer's random stream by one
+        # draw at every epoch start and at a resume, breaking bitwise equality of resumed runs.
+        generator = torch.Generator()
+        generator.manual_seed(derive_seed(_LOADER_STREAM, self.seed, rank))
+        self.loader = DataLoader(
+            SeededSampleDataset(dataset, self.seed),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_crops,
+            pin_memory=pin_memory,
+            drop_last=True,
+            worker_init_fn=functools.partial(_init_worker, seed=self.seed, rank=rank),
+            persistent_workers=persistent_workers and num_workers > 0,
+            generator=generator,
+        )
+        self._generation = 0  # bumped by iterate() and close(); an iterator of an older one is stale
+
+    @classmethod
+    def from_config(cls, cfg, dataset, *, rank: int, world_size: int, batches_per_epoch: int | None = None) -> dict:
+        return {
+            "dataset": dataset,
+            "batch_size": cfg.SOLVER.BATCH_SIZE_PER_GPU,
+            "world_size": world_size,
+            "rank": rank,
+            "seed": cfg.SEED,
+            "num_workers": cfg.DATALOADER.NUM_WORKERS,
+            "batches_per_epoch": batches_per_epoch,
+            "pin_memory": torch.cuda.is_available(),
+        }
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Infinite iterator of ``(crops, labels)`` from global batch ``start_batch`` of this rank on.
+
+        ``iterate(k)`` yields exactly what ``iterate(0)`` yields from its ``k``-th batch (0-based) on.
+        """
+        start_batch = operator.index(start_batch)
+        if start_batch < 0:
+            raise ValueError(f"PretrainLoader.iterate: start_batch must be >= 0; got {start_batch}")
+        self._generation += 1
+        return self._batches(start_batch, self._generation)
+
+    def _batches(self, start_batch: int, generation: int):
+        epoch, position = divmod(start_batch, self.batches_per_epoch)
+        while True:
+            # The sampler stops at the last used sample: workers never prefetch a batch that is dropped.
+            self.sampler.set_epoch(
+                epoch, start=position * self.batch_size, stop=self.batches_per_epoch * self.batch_size
+            )
+            expected, produced = self.batches_per_epoch - position, 0
+            for batch in self.loader:
+                yield batch
+                if generation != self._generation:
+                    raise RuntimeError(
+                        "PretrainLoader: this iterator was superseded by a later iterate() or close(); "
+                        "the loader serves one iteration at a time"
+                    )
+                produced += 1
+            if produced != expected:  # an invariant of the sampler's stop; never silently shift batches
+                raise RuntimeError(f"PretrainLoader: epoch {epoch} gave {produced} batches, expected {expected}")
+            epoch, position = epoch + 1, 0
+
+    def close(self) -> None:
+        """Stop the persistent workers (if any) and invalidate open iterators. ``iterate`` still works
+        afterwards; it starts new workers."""
+        self._generation += 1
+        iterator = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if iterator is not None:
+            self.loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"PretrainLoader(images={len(self.dataset)}, batch_size={self.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, batches_per_epoch={self.batches_per_epoch}, num_workers={self.num_workers}, "
+            f"seed={self.seed})"
+        )
+
+
+def build_pretrain_loader(
+    cfg, dataset: Dataset, *, rank: int, world_size: int, batches_per_epoch: int | None = None
+) -> PretrainLoader:
+    """The :class:`PretrainLoader` of ``dataset`` for ``rank`` of ``world_size``.
+
+    Reads ``SOLVER.BATCH_SIZE_PER_GPU``, ``DATALOADER.NUM_WORKERS`` and ``SEED``; pins memory when CUDA
+    is available. Does not build the dataset or the augmentation (see ``build_dataset``).
+    """
+    loader = PretrainLoader(cfg, dataset, rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch)
+    assert loader.batches_per_epoch >= 1
+    return loader
