@@ -1,0 +1,88 @@
+"""Command-line arguments and per-process set-up shared by every tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from ..config import CfgNode, get_cfg
+from ..utils import comm
+from ..utils.logger import setup_logger
+
+logger = logging.getLogger("dino_research")
+
+
+def default_argument_parser(description: str = "dino_research") -> argparse.ArgumentParser:
+    """``--config FILE [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [--resume]
+    [KEY VALUE ...]``; ``--config-file`` is accepted as an alias of ``--config``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "--config-file", dest="config_file", default="", metavar="FILE",
+                        help="YAML config (may use _BASE_); defaults come from dino_research/config/defaults.py")
+    parser.add_argument("--resume", action="store_true",
+                        help="resume from OUTPUT_DIR/last_checkpoint.pth (also automatic when it exists)")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes per machine: one per GPU, or gloo CPU workers without a GPU")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0-based)")
+    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0, or 'auto' on one machine")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. SOLVER.BASE_LR 0.001 SOLVER.EPOCHS 300")
+    return parser
+
+
+def load_config(config_file: str, opts: list) -> CfgNode:
+    """Defaults, then ``config_file``, then ``opts``; frozen."""
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) in this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg) -> torch.device:
+    """``MODEL.DEVICE``: "auto" picks this process's local GPU when CUDA is available, else the CPU."""
+    choice = cfg.MODEL.DEVICE
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("MODEL.DEVICE is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} is not one of: auto, cpu, cuda")
+
+
+def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None) -> None:
+    """Per-process set-up: output folder, logs (per rank), environment summary, seeds, config dump.
+
+    Every rank seeds ``SEED + rank`` (so drop path differs across ranks, as independent GPUs would);
+    the main process writes the merged config to ``OUTPUT_DIR/config.yaml``.
+    """
+    rank = comm.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logger(cfg.OUTPUT_DIR, rank=rank)
+    logger.info("rank %d of %d; torch %s; python %s", rank, comm.get_world_size(), torch.__version__,
+                sys.version.split()[0])
+    if args is not None:
+        logger.info("command line: %s", " ".join(sys.argv))
+    if comm.is_main_process():
+        path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+        with open(path, "w") as f:
+            f.write(cfg.dump())
+        logger.info("full config written to %s", path)
+    seed_all(cfg.SEED + rank)

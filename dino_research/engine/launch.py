@@ -1,0 +1,93 @@
+"""Start one process per device: under torchrun/SLURM, by spawning local workers, or in-process.
+
+Backend: NCCL where CUDA is available, gloo otherwise, so ``--num-gpus 2`` on a CPU-only machine runs
+two gloo workers and DDP is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
+
+# Long enough for a slow checkpoint write on a busy file system, short enough that a dead peer
+# surfaces as an error instead of a hang of days.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launched_externally() -> bool:
+    """True under torchrun (or a SLURM wrapper that exported the same variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def launch(main_func: Callable, num_gpus_per_machine: int = 1, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto", args: tuple = (), timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
+    """Run ``main_func(*args)`` on every process of the job.
+
+    * torchrun environment present (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): join that process group
+      (``MASTER_ADDR``/``MASTER_PORT`` from the environment) and run in this process.
+    * ``num_gpus_per_machine * num_machines > 1``: spawn ``num_gpus_per_machine`` local workers.
+      ``dist_url`` is ``tcp://HOST:PORT`` of machine 0 (``"auto"``: a free local port, one machine only).
+    * otherwise: run in this process with no process group.
+    """
+    if launched_externally():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=default_backend(), init_method="env://", timeout=timeout)
+        try:
+            main_func(*args)
+        finally:
+            dist.destroy_process_group()
+        return
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        main_func(*args)
+        return
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("--dist-url auto only works on one machine; pass tcp://HOST:PORT of machine 0")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.spawn(_distributed_worker, nprocs=num_gpus_per_machine,
+             args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+             daemon=False)
+
+
+def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, num_gpus_per_machine: int,
+                        machine_rank: int, dist_url: str, args: tuple, timeout: datetime.timedelta) -> None:
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    os.environ.update(RANK=str(global_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(num_gpus_per_machine))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} visible GPUs")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=default_backend(), init_method=dist_url, world_size=world_size,
+                            rank=global_rank, timeout=timeout)
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def local_rank() -> int:
+    """This process's index among the processes of its machine (0 without a process group)."""
+    return int(os.environ.get("LOCAL_RANK", 0))

@@ -1,0 +1,279 @@
+"""The DINO trainer: builds a run from a config and executes the training step.
+
+The whole step lives in :meth:`DINOTrainer.run_step`, top to bottom; hooks only do bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import Checkpointer, capture_rng_state, load_pretrained, restore_rng_state
+from ..data import build_augmentation, build_dataset
+from ..data.loader import build_pretrain_loader
+from ..modeling import build_ema, build_model
+from ..solver import apply_schedules, build_optimizer, build_schedules, clip_grad_per_param_, total_batch_size
+from ..solver.build import scaled_lr
+from ..utils import comm
+from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
+from . import hooks as hooks_lib
+from .defaults import resolve_device, seed_all
+
+logger = logging.getLogger("dino_research")
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; raised before the optimizer step, so no state is corrupted."""
+
+
+def amp_settings(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Validated ``(enabled, dtype)`` of ``SOLVER.AMP`` for ``device``."""
+    enabled, name = cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE
+    if name not in AMP_DTYPES:
+        raise ValueError(f"SOLVER.AMP.DTYPE = {name!r} is not one of: {', '.join(AMP_DTYPES)}")
+    if enabled and name == "float16" and device.type != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.DTYPE float16 needs a CUDA device, this run is on {device.type}: "
+            f"set SOLVER.AMP.DTYPE bfloat16 or SOLVER.AMP.ENABLED False"
+        )
+    return enabled, AMP_DTYPES[name]
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class DINOTrainer:
+    """One DINO run: data, model (student, teacher, loss), optimizer, schedules, checkpoints, writers.
+
+    Construct on every process after the process group exists (see ``engine.launch``), then call
+    :meth:`resume_or_load` and :meth:`train`. An iteration is one optimizer step over
+    ``SOLVER.BATCH_SIZE_PER_GPU * world_size * SOLVER.ACCUMULATE_STEPS`` images.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.world_size, self.rank = comm.get_world_size(), comm.get_rank()
+        self.amp_enabled, self.amp_dtype = amp_settings(cfg, self.device)
+        self.accumulate = cfg.SOLVER.ACCUMULATE_STEPS
+        if self.accumulate < 1:
+            raise ValueError(f"SOLVER.ACCUMULATE_STEPS must be >= 1, got {self.accumulate}")
+
+        dataset = build_dataset(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_ROOT, train=True,
+                                transform=build_augmentation(cfg))
+        batches_per_rank = len(dataset) // (cfg.SOLVER.BATCH_SIZE_PER_GPU * self.world_size)
+        self.iters_per_epoch = batches_per_rank // self.accumulate
+        if self.iters_per_epoch == 0:
+            raise ValueError(
+                f"dataset {cfg.DATASETS.TRAIN} at {cfg.DATASETS.TRAIN_ROOT!r} has {len(dataset)} images, fewer "
+                f"than one optimizer step needs ({total_batch_size(cfg, self.world_size)} = "
+                f"SOLVER.BATCH_SIZE_PER_GPU x world size x SOLVER.ACCUMULATE_STEPS)"
+            )
+        self.loader = build_pretrain_loader(cfg, dataset, rank=self.rank, world_size=self.world_size,
+                                            batches_per_epoch=self.iters_per_epoch * self.accumulate)
+        self.max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
+
+        # Every rank builds the same initial weights, whatever the world size; the per-rank seed
+        # (drop path) is restored afterwards.
+        seed_all(cfg.SEED)
+        model = build_model(cfg)
+        if self.world_size > 1 and self.device.type == "cuda" and _has_batchnorm(model):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
+        seed_all(cfg.SEED + self.rank)
+        # Teacher and center are identical on every rank (same EMA, all-reduced center), so buffers
+        # need no broadcast at each forward.
+        self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                                  else None, broadcast_buffers=False)
+                          if self.world_size > 1 else self.model)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+        self.ema = build_ema(cfg, self.model.student, self.model.teacher)
+        self.schedules = build_schedules(cfg, self.iters_per_epoch, world_size=self.world_size)
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.last_layer_params = self.model.last_layer_parameters()
+        self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, self.model, self.optimizer, self.scaler,
+                                         is_main=comm.is_main_process())
+        self.start_iter = self.iter = 0
+        self.last_saved = None
+        self.hooks: list[hooks_lib.HookBase] = []
+        self.register_hooks(self.default_hooks())
+        logger.info(
+            "DINO run: %d images, %d iterations/epoch, %d iterations; total batch %d "
+            "(BATCH_SIZE_PER_GPU %d x %d processes x ACCUMULATE_STEPS %d); peak lr %.3g = BASE_LR %.3g x %d / 256; "
+            "device %s; AMP %s",
+            len(dataset), self.iters_per_epoch, self.max_iter, total_batch_size(cfg, self.world_size),
+            cfg.SOLVER.BATCH_SIZE_PER_GPU, self.world_size, self.accumulate, scaled_lr(cfg, self.world_size),
+            cfg.SOLVER.BASE_LR, total_batch_size(cfg, self.world_size), self.device,
+            str(self.amp_dtype).replace("torch.", "") if self.amp_enabled else "off",
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def default_hooks(self) -> list[hooks_lib.HookBase]:
+        cfg = self.cfg
+        out = [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
+               hooks_lib.TeacherExporter()]
+        if comm.is_main_process():
+            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
+                       TensorboardWriter(os.path.join(cfg.OUTPUT_DIR, "tensorboard"))]
+            out.append(hooks_lib.PeriodicWriter(writers, cfg.LOG_PERIOD))
+        return out
+
+    def register_hooks(self, hooks: list[hooks_lib.HookBase]) -> None:
+        for hook in hooks:
+            hook.trainer = self
+        self.hooks.extend(hooks)
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from ``OUTPUT_DIR/last_checkpoint.pth`` when it exists (and ``resume``), else
+        initialize from ``MODEL.WEIGHTS`` if set."""
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.last_path
+            data = self.checkpointer.load(path)
+            self.start_iter = int(data["iteration"])
+            rng = data.get("rng", [])
+            if len(rng) == self.world_size:
+                restore_rng_state(rng[self.rank])
+            else:
+                logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
+                               len(rng), self.world_size)
+            self.last_saved = path
+            logger.info("resumed from %s at iteration %d (epoch %d)", path, self.start_iter,
+                        self.start_iter // self.iters_per_epoch)
+        elif self.cfg.MODEL.WEIGHTS:
+            found = load_pretrained(self.model, self.cfg.MODEL.WEIGHTS)
+            logger.info("initialized from %s (%s format)", self.cfg.MODEL.WEIGHTS, found)
+        self.iter = self.start_iter
+
+    def save_checkpoint(self, filename: str, next_iter: int) -> None:
+        """Write the full training state; collective (every rank contributes its RNG state)."""
+        rng = capture_rng_state()
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        path = self.checkpointer.save(filename, iteration=next_iter, rng=rng, config=self.cfg.dump(),
+                                      iters_per_epoch=self.iters_per_epoch)
+        if path is not None and filename == os.path.basename(self.checkpointer.last_path):
+            self.last_saved = path
+        comm.synchronize()
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        """Run iterations ``start_iter .. max_iter - 1``, calling the hooks."""
+        self._data = iter(self.loader.iterate(start_batch=self.start_iter * self.accumulate))
+        with EventStorage(self.start_iter) as self.storage:
+            for hook in self.hooks:
+                hook.before_train()
+            try:
+                for self.iter in range(self.start_iter, self.max_iter):
+                    self.storage.iter = self.iter
+                    self.run_step()
+                    for hook in self.hooks:
+                        hook.after_step()
+            finally:
+                self._close_data()  # release data-loader workers even when the step raised
+            for hook in self.hooks:
+                hook.after_train()
+
+    def _close_data(self) -> None:
+        close = getattr(self._data, "close", None)
+        if close is not None:
+            close()
+
+    def run_step(self) -> None:
+        """One DINO optimizer step at iteration ``self.iter``."""
+        cfg, it = self.cfg, self.iter
+        epoch = it // self.iters_per_epoch
+        start = time.perf_counter()
+        # 1. This iteration's schedules.
+        lr, wd = self.schedules["lr"](it), self.schedules["weight_decay"](it)
+        momentum, teacher_temp = self.schedules["momentum"](it), self.schedules["teacher_temp"](it)
+        apply_schedules(self.optimizer, lr, wd)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher_outs, loss_sum, data_time = [], 0.0, 0.0
+        for micro in range(self.accumulate):
+            data_start = time.perf_counter()
+            crops, _ = next(self._data)
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            data_time += time.perf_counter() - data_start
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = (self.ddp_model.no_sync() if self.world_size > 1 and micro < self.accumulate - 1
+                    else contextlib.nullcontext())
+            with sync:
+                # 2. Teacher on the 2 global crops, student on all crops, loss (inside the meta-arch).
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+                    out = self.ddp_model(crops, teacher_temp=teacher_temp)
+                loss = out["loss"]
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping before the optimizer "
+                        f"step. Last good checkpoint: {self.last_saved or 'none written yet'} (intact). Usual "
+                        f"fixes: SOLVER.AMP.ENABLED False, a lower SOLVER.BASE_LR, a higher "
+                        f"MODEL.TEACHER.MOMENTUM, a lower SOLVER.CLIP_GRAD."
+                    )
+                # 3. Backward (scaled for float16; averaged over micro-batches).
+                self.scaler.scale(loss / self.accumulate).backward()
+            teacher_outs.append(out["teacher_out"])
+            loss_sum += loss.item()
+            del out, loss
+
+        # 4. Per-parameter gradient clipping, on unscaled gradients.
+        if cfg.SOLVER.CLIP_GRAD > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_grad_per_param_(self.trainable_params, cfg.SOLVER.CLIP_GRAD)
+        # 5. The prototype layer stays fixed during the first epochs (helps early training).
+        if epoch < cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS:
+            for p in self.last_layer_params:
+                p.grad = None
+        # 6. Optimizer step.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # 7. Teacher EMA, then center update: once per optimizer step.
+        self.ema.update(momentum)
+        teacher_out = torch.cat(teacher_outs) if len(teacher_outs) > 1 else teacher_outs[0]
+        if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == self.max_iter:
+            self._put_health_metrics(teacher_out, teacher_temp, loss_sum / self.accumulate)
+        self.model.loss.update_state(teacher_out)
+
+        step_time = time.perf_counter() - start
+        self.storage.put_scalars(
+            loss=loss_sum / self.accumulate, lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp,
+            data_time=data_time, time=step_time,
+        )
+        self.storage.put_scalar("images/s", total_batch_size(cfg, self.world_size) / step_time)
+
+    @torch.no_grad()
+    def _put_health_metrics(self, teacher_out: torch.Tensor, teacher_temp: float, loss: float) -> None:
+        """Teacher entropy, KL(teacher || student) and center norm: DINO's collapse indicators.
+
+        Uniform collapse drives the teacher's entropy to ln K, one-dimension collapse to 0; in both
+        the KL between teacher and student goes to 0. The loss averages the cross-entropy
+        H(q, p) = H(q) + KL(q || p) over pairs, so KL = loss - mean H(q).
+        """
+        probs = self.model.loss.teacher_probs(teacher_out, teacher_temp)
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().item()  # this rank's batch
+        max_entropy = math.log(probs.shape[-1])
+        self.storage.put_scalars(teacher_entropy=entropy, kl_teacher_student=loss - entropy,
+                                 center_norm=self.model.loss.center.norm().item(), smoothing_hint=False)
+        if entropy > 0.95 * max_entropy:
+            logger.warning("teacher entropy %.3f is close to ln K = %.3f: outputs near uniform (collapse?). "
+                           "Lower MODEL.LOSS.TEACHER_TEMP or check the centering.", entropy, max_entropy)
+        elif entropy < 0.01 * max_entropy:
+            logger.warning("teacher entropy %.4f is close to 0: one dimension dominates (collapse?). "
+                           "Centering is not keeping up: lower MODEL.LOSS.CENTER_MOMENTUM or raise "
+                           "MODEL.LOSS.TEACHER_TEMP.", entropy)

@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Train DINO.
+
+    python tools/train_net.py --config configs/dino_vits16.yaml [--num-gpus N] [--resume] [KEY VALUE ...]
+
+One process per GPU (``--num-gpus``), gloo CPU workers where there is no GPU, or the processes of
+torchrun. A run whose OUTPUT_DIR holds ``last_checkpoint.pth`` resumes from it at the exact iteration.
+"""
+
+from dino_research.engine import DINOTrainer, default_argument_parser, default_setup, launch, load_config
+
+
+def main(args) -> None:
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    trainer = DINOTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser(__doc__).parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
