@@ -14,7 +14,9 @@ def main(args) -> None:
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     trainer = DINOTrainer(cfg)
-    trainer.resume_or_load(resume=True)
+    if args.resume and not trainer.checkpointer.has_checkpoint():
+        raise SystemExit(f"--resume given but there is no checkpoint at {trainer.checkpointer.last_path}")
+    trainer.resume_or_load(resume=True)  # automatic whenever OUTPUT_DIR holds a checkpoint
     trainer.train()
 
 

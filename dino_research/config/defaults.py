@@ -36,6 +36,9 @@ _C.MODEL.BACKBONE.NAME = "vit_small"
 _C.MODEL.BACKBONE.PATCH_SIZE = 16
 # Stochastic depth rate of the *student* backbone (paper: 0.1). The teacher always uses 0.
 _C.MODEL.BACKBONE.DROP_PATH_RATE = 0.1
+# Number of transformer blocks of the ViTs; 0 keeps the architecture's 12. Shallower ViTs are for
+# quick experiments on small images (the CPU Fashion-MNIST config uses 4); not a paper setting.
+_C.MODEL.BACKBONE.DEPTH = 0
 # timm model name used when NAME is "timm" (e.g. "convnext_tiny", "xcit_small_12_p16_224").
 # Built with pretrained=False: weights only come from MODEL.WEIGHTS.
 _C.MODEL.BACKBONE.TIMM_MODEL = ""

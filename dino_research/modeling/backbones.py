@@ -199,27 +199,30 @@ def _vit(cfg, drop_path_rate: float, embed_dim: int, num_heads: int) -> DINOVisi
     patch_size = cfg.MODEL.BACKBONE.PATCH_SIZE
     if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
         raise ValueError(f"MODEL.BACKBONE.PATCH_SIZE must be a positive integer, got {patch_size!r}")
+    depth = cfg.MODEL.BACKBONE.DEPTH or 12
+    if depth < 1:
+        raise ValueError(f"MODEL.BACKBONE.DEPTH must be >= 1 (or 0 for the standard 12), got {depth}")
     return DINOVisionTransformer(
-        patch_size=patch_size, embed_dim=embed_dim, depth=12, num_heads=num_heads,
+        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         drop_path_rate=drop_path_rate,
     )
 
 
 @BACKBONE_REGISTRY.register()
 def vit_tiny(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Tiny/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=192, 12 blocks, 3 heads (5.5M parameters)."""
+    """ViT-Tiny/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=192, 12 blocks (MODEL.BACKBONE.DEPTH), 3 heads (5.5M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=192, num_heads=3)
 
 
 @BACKBONE_REGISTRY.register()
 def vit_small(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Small/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=384, 12 blocks, 6 heads (21M parameters)."""
+    """ViT-Small/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=384, 12 blocks (MODEL.BACKBONE.DEPTH), 6 heads (21M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=384, num_heads=6)
 
 
 @BACKBONE_REGISTRY.register()
 def vit_base(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Base/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=768, 12 blocks, 12 heads (85M parameters)."""
+    """ViT-Base/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=768, 12 blocks (MODEL.BACKBONE.DEPTH), 12 heads (85M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=768, num_heads=12)
 
 

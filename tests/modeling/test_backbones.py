@@ -286,3 +286,17 @@ def test_timm_unknown_or_empty_name_raises(name):
 def test_unknown_backbone_lists_registered_names():
     with pytest.raises(KeyError, match="resnet50.*timm.*vit_base.*vit_small.*vit_tiny"):
         build_backbone(_cfg("vit_huge"))
+
+
+def test_depth_override_builds_a_shallower_vit():
+    from dino_research.config import get_cfg
+    from dino_research.modeling import build_backbone
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.BACKBONE.NAME", "vit_tiny", "MODEL.BACKBONE.DEPTH", "4"])
+    model = build_backbone(cfg)
+    assert len(model.blocks) == 4 and "blocks.3.mlp.fc2.bias" in model.state_dict()
+    assert "blocks.4.norm1.weight" not in model.state_dict()
+    cfg.merge_from_list(["MODEL.BACKBONE.DEPTH", "-1"])
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.DEPTH"):
+        build_backbone(cfg)
