@@ -88,8 +88,11 @@ class DINOTrainer:
         # (drop path) is restored afterwards.
         seed_all(cfg.SEED)
         model = build_model(cfg)
-        if self.world_size > 1 and self.device.type == "cuda" and _has_batchnorm(model):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.world_size > 1 and _has_batchnorm(model):
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # PyTorch's SyncBatchNorm has no CPU kernel
+                logger.warning("BatchNorm statistics stay per process: SyncBatchNorm needs CUDA devices")
         self.model = model.to(self.device)
         seed_all(cfg.SEED + self.rank)
         # Teacher and center are identical on every rank (same EMA, all-reduced center), so buffers

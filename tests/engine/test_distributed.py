@@ -20,9 +20,11 @@ COMMON = [
 ]
 
 
-def run_cli(output_dir, num_gpus, batch):
-    cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", str(REPO / "configs" / "dino_vits16.yaml"),
-           "--num-gpus", str(num_gpus), *COMMON, "SOLVER.BATCH_SIZE_PER_GPU", str(batch), "OUTPUT_DIR", str(output_dir)]
+def run_cli(output_dir, num_gpus, batch, torchrun=False):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_gpus}"]
+                if torchrun else [sys.executable])
+    cmd = [*launcher, str(REPO / "tools" / "train_net.py"), "--config", str(REPO / "configs" / "dino_vits16.yaml"),
+           *([] if torchrun else ["--num-gpus", str(num_gpus)]), *COMMON, "SOLVER.BATCH_SIZE_PER_GPU", str(batch), "OUTPUT_DIR", str(output_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(str(output_dir / LAST_CHECKPOINT))
@@ -42,3 +44,13 @@ def test_two_gloo_workers_match_one_process_with_the_total_batch(tmp_path):
     assert moved
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "rank 0 of 2" in log and (tmp_path / "ddp" / "log_rank1.txt").is_file()
+
+
+def test_torchrun_environment_is_used_instead_of_spawning(tmp_path):
+    """Under torchrun the script joins the given process group: same result as --num-gpus 2."""
+    spawned = run_cli(tmp_path / "spawned", num_gpus=2, batch=4)
+    launched = run_cli(tmp_path / "torchrun", num_gpus=2, batch=4, torchrun=True)
+    # torchrun sets OMP_NUM_THREADS=1, which changes float summation order: equal up to rounding.
+    for key, value in spawned["model"].items():
+        torch.testing.assert_close(launched["model"][key], value, rtol=0, atol=1e-5, msg=key)
+    assert "rank 0 of 2" in (tmp_path / "torchrun" / "log.txt").read_text()
