@@ -195,6 +195,50 @@ _C.SOLVER.AMP.ENABLED = True
 _C.SOLVER.AMP.DTYPE = "float16"
 
 # ---------------------------------------------------------------------------------------------------
+# Evaluation (k-NN, linear probe, attention maps): the paper's protocols by default
+# ---------------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# DATASET_REGISTRY name of the labelled data used by k-NN and the linear probe.
+_C.TEST.DATASET = "ImageFolder"
+# Root of the labelled training split: the k-NN memory bank and the linear probe's training set.
+_C.TEST.TRAIN_ROOT = "datasets/imagenet/train"
+# Root of the labelled evaluation split (for FashionMNIST, the split is chosen by the dataset).
+_C.TEST.VAL_ROOT = "datasets/imagenet/val"
+# Shorter side, in pixels, images are resized to before the center crop (paper: 256 for 224).
+_C.TEST.RESIZE_SIZE = 256
+# Side of the center crop fed to the backbone (paper: 224).
+_C.TEST.CROP_SIZE = 224
+# Images per process per batch when extracting features.
+_C.TEST.BATCH_SIZE = 128
+# Run the k-NN evaluation hook every this many epochs during training (0: never).
+_C.TEST.EVAL_PERIOD = 0
+
+_C.TEST.KNN = CN()
+# Numbers of neighbours evaluated, all from one similarity pass (paper: 10, 20, 100, 200).
+_C.TEST.KNN.K = (10, 20, 100, 200)
+# Temperature T of the vote weights exp(similarity / T) (paper: 0.07).
+_C.TEST.KNN.TEMPERATURE = 0.07
+# Test features per similarity chunk: bounds memory at CHUNK_SIZE x train-set-size floats.
+_C.TEST.KNN.CHUNK_SIZE = 256
+
+_C.TEST.LINEAR = CN()
+# Training epochs of the linear classifier (paper: 100).
+_C.TEST.LINEAR.EPOCHS = 100
+# Learning rate for a batch of 256, scaled linearly with the total batch (paper: 0.001).
+_C.TEST.LINEAR.BASE_LR = 0.001
+# Images per process per batch (reference: 128 per GPU on 8 GPUs).
+_C.TEST.LINEAR.BATCH_SIZE = 128
+# SGD momentum (paper: 0.9) and weight decay (paper: 0).
+_C.TEST.LINEAR.MOMENTUM = 0.9
+_C.TEST.LINEAR.WEIGHT_DECAY = 0.0
+# ViT features: CLS tokens of the last N blocks, concatenated (paper: 4 for ViT-S, 1 for ViT-B).
+_C.TEST.LINEAR.N_LAST_BLOCKS = 4
+# Append the average of the last block's patch tokens to the CLS tokens (paper: ViT-B only).
+_C.TEST.LINEAR.AVGPOOL_PATCHTOKENS = False
+# Fast mode: learning rates (per 256 images) trained together on cached features; the best is kept.
+_C.TEST.LINEAR.LR_GRID = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+# ---------------------------------------------------------------------------------------------------
 # Misc
 # ---------------------------------------------------------------------------------------------------
 # Where checkpoints, logs, metrics and the dumped config go.

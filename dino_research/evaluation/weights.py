@@ -1,0 +1,86 @@
+"""Load the backbone people evaluate, whatever file it comes in.
+
+One loader serves every evaluation tool. Accepted files:
+
+* a dino_research training checkpoint (``{"model": ..., "config": ...}``): the ``teacher`` backbone
+  by default (``checkpoint_key="student"`` for the other); its stored config decides the architecture;
+* an exported backbone (``teacher_backbone.pth``) or an official DINO backbone file: a plain state dict;
+* an official DINO full checkpoint (``teacher``/``student`` entries, ``module.``/``backbone.``
+  prefixes, head weights dropped);
+* nothing: ``MODEL.BACKBONE.NAME timm`` with ``MODEL.BACKBONE.TIMM_MODEL`` and no file gives a randomly
+  initialized timm model (weights only ever come from a local file).
+
+Missing or unexpected backbone keys are an error naming them: never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from ..checkpoint import CheckpointError, load_backbone_state, load_file, strip_prefixes
+from ..config import CfgNode
+from ..modeling import build_backbone
+
+logger = logging.getLogger("dino_research")
+
+
+def _backbone_state(data: dict, checkpoint_key: str, path: str) -> dict:
+    """The backbone state dict inside any supported file layout."""
+    if "model" in data and isinstance(data["model"], dict):  # ours
+        prefix = f"{checkpoint_key}.backbone."
+        state = {k[len(prefix):]: v for k, v in data["model"].items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"{path}: no '{prefix}*' weights in this checkpoint")
+        return state
+    if checkpoint_key in data and isinstance(data[checkpoint_key], dict):  # official full checkpoint
+        data = data[checkpoint_key]
+    elif "teacher" in data and "student" in data:
+        raise CheckpointError(f"{path}: checkpoint key {checkpoint_key!r} not found; use teacher or student")
+    state = strip_prefixes(data)
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def config_from_checkpoint(cfg: CfgNode, data: dict, path: str) -> CfgNode:
+    """``cfg`` with ``MODEL.BACKBONE`` replaced by the one stored in our checkpoint ``data`` (loaded
+    from ``path``); unchanged for other files. The architecture then always matches the weights."""
+    if not isinstance(data.get("config"), str):
+        return cfg
+    stored = cfg.clone()
+    stored.defrost()
+    stored.merge_from_other_cfg(CfgNode(CfgNode.load_cfg(data["config"])))
+    out = cfg.clone()
+    out.defrost()
+    out.MODEL.BACKBONE = stored.MODEL.BACKBONE
+    out.freeze()
+    logger.info("architecture taken from %s: %s/%d", path, out.MODEL.BACKBONE.NAME, out.MODEL.BACKBONE.PATCH_SIZE)
+    return out
+
+
+def load_backbone(cfg: CfgNode, weights: str = "", checkpoint_key: str = "teacher") -> nn.Module:
+    """Build ``MODEL.BACKBONE`` (no drop path) and load ``weights`` (default ``MODEL.WEIGHTS``) strictly.
+
+    Returns the backbone in eval mode on the CPU. Raises :class:`CheckpointError` when the file does
+    not fit (shapes, missing or unexpected keys).
+    """
+    weights = weights or cfg.MODEL.WEIGHTS
+    if checkpoint_key not in ("teacher", "student"):
+        raise ValueError(f"checkpoint key must be 'teacher' or 'student', got {checkpoint_key!r}")
+    data = load_file(weights) if weights else None
+    if data is not None:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{weights}: expected a dict of weights, got {type(data).__name__}")
+        cfg = config_from_checkpoint(cfg, data, weights)
+    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    if data is not None:
+        load_backbone_state(backbone, _backbone_state(data, checkpoint_key, weights), weights, strict=True)
+        logger.info("loaded the %s backbone from %s", checkpoint_key, weights)
+    elif cfg.MODEL.BACKBONE.NAME != "timm":
+        raise ValueError(
+            f"no weights given for {cfg.MODEL.BACKBONE.NAME}: pass --weights FILE (or MODEL.WEIGHTS); "
+            f"only MODEL.BACKBONE.NAME timm may be evaluated from random initialization"
+        )
+    else:
+        logger.warning("evaluating timm model %s with random weights (no file given)", cfg.MODEL.BACKBONE.TIMM_MODEL)
+    return backbone.eval()
