@@ -1,6 +1,13 @@
 """Training engine: launch (processes), default set-up, the DINO trainer and its hooks."""
 
-from .defaults import default_argument_parser, default_setup, load_config, resolve_device, seed_all
+from .defaults import (
+    default_argument_parser,
+    default_setup,
+    eval_argument_parser,
+    load_config,
+    resolve_device,
+    seed_all,
+)
 from .launch import launch
 from .trainer import DINOTrainer, NonFiniteLossError
 
@@ -9,6 +16,7 @@ __all__ = [
     "NonFiniteLossError",
     "default_argument_parser",
     "default_setup",
+    "eval_argument_parser",
     "launch",
     "load_config",
     "resolve_device",

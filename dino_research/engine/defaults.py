@@ -36,6 +36,17 @@ def default_argument_parser(description: str = "dino_research") -> argparse.Argu
     return parser
 
 
+def eval_argument_parser(description: str = "dino_research evaluation") -> argparse.ArgumentParser:
+    """:func:`default_argument_parser` plus ``--weights FILE`` and ``--checkpoint-key teacher|student``,
+    shared by the evaluation tools (see ``dino_research.evaluation.load_backbone`` for the formats)."""
+    parser = default_argument_parser(description)
+    parser.add_argument("--weights", default="", metavar="FILE",
+                        help="checkpoint, exported backbone or official DINO file (default: MODEL.WEIGHTS)")
+    parser.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+                        help="which network of a training checkpoint to evaluate")
+    return parser
+
+
 def load_config(config_file: str, opts: list) -> CfgNode:
     """Defaults, then ``config_file``, then ``opts``; frozen."""
     cfg = get_cfg()
