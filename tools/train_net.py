@@ -7,17 +7,31 @@ One process per GPU (``--num-gpus``), gloo CPU workers where there is no GPU, or
 torchrun. A run whose OUTPUT_DIR holds ``last_checkpoint.pth`` resumes from it at the exact iteration.
 """
 
-from dino_research.engine import DINOTrainer, default_argument_parser, default_setup, launch, load_config
+import logging
+
+from dino_research.engine import (
+    DINOTrainer,
+    TrainingStopped,
+    default_argument_parser,
+    default_setup,
+    install_stop_handlers,
+    launch,
+    load_config,
+)
 
 
 def main(args) -> None:
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    install_stop_handlers()  # SIGTERM/SIGINT/SIGUSR1/2: checkpoint at the iteration's end, then exit
     trainer = DINOTrainer(cfg)
     if args.resume and not trainer.checkpointer.has_checkpoint():
         raise SystemExit(f"--resume given but there is no checkpoint at {trainer.checkpointer.last_path}")
     trainer.resume_or_load(resume=True)  # automatic whenever OUTPUT_DIR holds a checkpoint
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingStopped as stop:
+        logging.getLogger("dino_research").warning("%s. Run the same command again to resume.", stop)
 
 
 if __name__ == "__main__":

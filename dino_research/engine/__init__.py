@@ -9,16 +9,20 @@ from .defaults import (
     seed_all,
 )
 from .launch import launch
+from .preemption import TrainingStopped, install_stop_handlers, stop_requested
 from .trainer import DINOTrainer, NonFiniteLossError
 
 __all__ = [
     "DINOTrainer",
     "NonFiniteLossError",
+    "TrainingStopped",
     "default_argument_parser",
     "default_setup",
     "eval_argument_parser",
+    "install_stop_handlers",
     "launch",
     "load_config",
     "resolve_device",
     "seed_all",
+    "stop_requested",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 from typing import Callable
 
@@ -66,9 +67,23 @@ def launch(main_func: Callable, num_gpus_per_machine: int = 1, num_machines: int
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine; pass tcp://HOST:PORT of machine 0")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.spawn(_distributed_worker, nprocs=num_gpus_per_machine,
-             args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-             daemon=False)
+    context = mp.start_processes(
+        _distributed_worker, nprocs=num_gpus_per_machine, join=False, start_method="spawn",
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+    )
+
+    def forward(signum, frame):  # a stop signal sent to this launcher reaches every worker
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        while not context.join():
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, num_gpus_per_machine: int,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import Checkpointer, capture_rng_state, load_pretrained, restore_rng_state
+from ..checkpoint import LAST_CHECKPOINT, Checkpointer, capture_rng_state, load_pretrained, restore_rng_state
 from ..data import build_augmentation, build_dataset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_ema, build_model
@@ -26,6 +26,7 @@ from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
+from .preemption import TrainingStopped, stop_requested
 
 logger = logging.getLogger("dino_research")
 
@@ -109,7 +110,7 @@ class DINOTrainer:
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, self.model, self.optimizer, self.scaler,
                                          is_main=comm.is_main_process())
         self.start_iter = self.iter = 0
-        self.last_saved = None
+        self.last_saved, self._last_saved_iter = None, None
         self.hooks: list[hooks_lib.HookBase] = []
         self.register_hooks(self.default_hooks())
         logger.info(
@@ -151,7 +152,7 @@ class DINOTrainer:
             else:
                 logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
                                len(rng), self.world_size)
-            self.last_saved = path
+            self.last_saved, self._last_saved_iter = path, self.start_iter
             logger.info("resumed from %s at iteration %d (epoch %d)", path, self.start_iter,
                         self.start_iter // self.iters_per_epoch)
         elif self.cfg.MODEL.WEIGHTS:
@@ -170,8 +171,8 @@ class DINOTrainer:
             rng = [rng]
         path = self.checkpointer.save(filename, iteration=next_iter, rng=rng, config=self.cfg.dump(),
                                       iters_per_epoch=self.iters_per_epoch)
-        if path is not None and filename == os.path.basename(self.checkpointer.last_path):
-            self.last_saved = path
+        if filename == LAST_CHECKPOINT:
+            self.last_saved, self._last_saved_iter = self.checkpointer.last_path, next_iter
         comm.synchronize()
 
     # ------------------------------------------------------------------ loop
@@ -187,10 +188,24 @@ class DINOTrainer:
                     self.run_step()
                     for hook in self.hooks:
                         hook.after_step()
+                    self._stop_if_requested()
             finally:
                 self._close_data()  # release data-loader workers even when the step raised
-            for hook in self.hooks:
-                hook.after_train()
+                for hook in self.hooks:  # flush writers also when stopped or failed
+                    hook.after_train()
+
+    def _stop_if_requested(self) -> None:
+        """If any rank received a stop signal: all ranks checkpoint this iteration, then stop."""
+        signum = stop_requested() or 0
+        if self.world_size > 1:  # every rank must take the same decision at the same iteration
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        if self._last_saved_iter != self.iter + 1:
+            self.save_checkpoint(LAST_CHECKPOINT, next_iter=self.iter + 1)
+        raise TrainingStopped(signum, self.iter, self.last_saved)
 
     def _close_data(self) -> None:
         close = getattr(self._data, "close", None)

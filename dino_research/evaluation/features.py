@@ -1,0 +1,208 @@
+"""Frozen-backbone features of a labelled dataset, extracted on every rank and kept in dataset order.
+
+The k-NN and fast linear evaluations only need ``(features, labels)`` of the train and test splits.
+:func:`extract_features` computes them once, sharded over the ranks, and hands every rank the whole
+set; :func:`save_features` / :func:`load_features` keep them on disk so a protocol can be rerun
+(another k, another temperature) without touching the images again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..checkpoint import atomic_save, load_file
+from ..utils import comm
+
+__all__ = ["extract_features", "load_features", "save_features", "shard_indices"]
+
+logger = logging.getLogger("dino_research")
+
+# Keys of a features file written by save_features.
+FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """Dataset indices handled by ``rank``: ``rank, rank + W, rank + 2W, ...``, padded by wrapping
+    around so that every rank gets ``ceil(num_items / W)`` of them (``W = world_size``).
+
+    Position ``p = i * W + rank`` of the padded sequence is index ``p % num_items``: gathering the
+    ranks' ``i``-th items side by side and keeping the first ``num_items`` restores dataset order.
+    """
+    if num_items <= 0:
+        raise ValueError(f"cannot shard an empty dataset (num_items={num_items})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    per_rank = math.ceil(num_items / world_size)
+    return [(i * world_size + rank) % num_items for i in range(per_rank)]
+
+
+class _Progress:
+    """A tqdm bar on an interactive terminal; otherwise one log line per ~10% (no spam in log files)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.done = total, desc, 0
+        self.enabled = enabled and total > 0
+        self.bar = None
+        self.next_log = 0.1
+        self.start = time.perf_counter()
+        if self.enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # a plain log then
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+
+    def update(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        fraction = self.done / self.total
+        if fraction + 1e-9 >= self.next_log or self.done == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            logger.info("%s: %d/%d batches (%d%%), %.0fs elapsed, eta %.0fs",
+                        self.desc, self.done, self.total, round(100 * fraction), elapsed, eta)
+            while self.next_log <= fraction + 1e-9:
+                self.next_log += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _all_gather_in_order(local: torch.Tensor, num_items: int, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's ``local`` (per_rank, *S) in the order of :func:`shard_indices`, padding
+    removed: (num_items, *S), on the CPU."""
+    world_size = comm.get_world_size()
+    if world_size == 1:
+        return local[:num_items]
+    # NCCL only moves CUDA tensors and gloo is the CPU backend: gather where the backend works.
+    gather_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = local.to(gather_device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local)
+    # (W, per_rank, *S) -> (per_rank, W, *S): row i*W + r is rank r's i-th item, i.e. padded position p.
+    stacked = torch.stack(parts, dim=1).flatten(0, 1)
+    return stacked[:num_items].cpu()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized ``backbone`` features of every item of ``dataset``, on every rank.
+
+    Args:
+        backbone: maps images (B, 3, H, W) on ``device`` to features (B, D): for DINO's ViTs the
+            final-normed CLS token, for convnets the pooled features. It must already be on
+            ``device``; it is run in eval mode (its previous mode is restored afterwards).
+        dataset: items ``(image Tensor (3, H, W), label: int)``, e.g. with the eval transform.
+        batch_size: images per process per forward pass.
+        device: where the forward passes run.
+        num_workers: data-loader worker processes per rank.
+        amp_dtype: run the forward pass under ``torch.autocast`` with this dtype (``None``: float32).
+        progress: report progress on the main process (tqdm on a terminal, else a log line per ~10%).
+
+    Returns:
+        ``features`` (N, D) float32 with rows of unit L2 norm and ``labels`` (N,) int64, both on the
+        CPU and in dataset order, identical on every rank (N = ``len(dataset)``).
+
+    With a process group of W ranks, rank r computes the items of :func:`shard_indices` (every W-th
+    one, padded by wrapping so all ranks run the same number of batches) and the results are
+    exchanged with ``all_gather``; every rank must call this function. Without a process group the
+    whole dataset is processed in this process.
+    """
+    device = torch.device(device)
+    num_items = len(dataset)
+    if num_items == 0:
+        raise ValueError("extract_features: the dataset is empty")
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    indices = shard_indices(num_items, rank, world_size)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, drop_last=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    was_training = backbone.training
+    backbone.eval()
+    bar = _Progress(len(loader), "extracting features", progress and comm.is_main_process())
+    features, labels = None, torch.empty(len(indices), dtype=torch.int64)
+    start = 0
+    try:
+        for images, targets in loader:
+            with autocast:
+                out = backbone(images.to(device, non_blocking=True))
+            if out.ndim != 2 or out.shape[0] != images.shape[0]:
+                raise ValueError(f"the backbone must return features (B, D); got {tuple(out.shape)} "
+                                 f"for a batch of {images.shape[0]} images")
+            out = F.normalize(out.float(), dim=1)  # in float32: autocast outputs may be half precision
+            if features is None:
+                features = torch.empty(len(indices), out.shape[1], dtype=torch.float32)
+            stop = start + out.shape[0]
+            features[start:stop] = out.cpu()
+            labels[start:stop] = torch.as_tensor(targets, dtype=torch.int64)
+            start = stop
+            bar.update()
+    finally:
+        bar.close()
+        backbone.train(was_training)
+    assert start == len(indices), f"loaded {start} items, expected {len(indices)}"
+    return _all_gather_in_order(features, num_items, device), _all_gather_in_order(labels, num_items, device)
+
+
+def save_features(path: str, train_features: torch.Tensor, train_labels: torch.Tensor,
+                  test_features: torch.Tensor, test_labels: torch.Tensor) -> None:
+    """Write the four tensors to ``path`` (a ``torch.save`` dict of CPU tensors, written atomically),
+    readable with :func:`load_features`. Call it on one process."""
+    tensors = dict(zip(FEATURE_KEYS, (train_features, train_labels, test_features, test_labels)))
+    _check_features(tensors, path)
+    atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, path)
+
+
+def load_features(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train_features (N, D), train_labels (N,), test_features (M, D), test_labels (M,))`` from a
+    file written by :func:`save_features`, read safely (``weights_only``) onto the CPU.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+        ValueError: it is not a features file (keys, shapes or dtypes do not fit).
+    """
+    data = load_file(path)
+    if not isinstance(data, dict) or any(k not in data for k in FEATURE_KEYS):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a features file: expected keys {list(FEATURE_KEYS)}, found {found}")
+    _check_features(data, path)
+    return tuple(data[k] for k in FEATURE_KEYS)
+
+
+def _check_features(t: dict, where: str) -> None:
+    for split in ("train", "test"):
+        feats, labels = t[f"{split}_features"], t[f"{split}_labels"]
+        if not (isinstance(feats, torch.Tensor) and feats.ndim == 2 and feats.is_floating_point()):
+            raise ValueError(f"{where}: {split}_features must be a floating tensor (N, D)")
+        if not (isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.shape[0] == feats.shape[0]
+                and not labels.is_floating_point()):
+            raise ValueError(f"{where}: {split}_labels must be an integer tensor ({feats.shape[0]},)")
+    if t["train_features"].shape[1] != t["test_features"].shape[1]:
+        raise ValueError(f"{where}: train and test features differ in dimension "
+                         f"({t['train_features'].shape[1]} vs {t['test_features'].shape[1]})")

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Weighted k-NN evaluation of a frozen backbone (the DINO paper's protocol).
+
+    python tools/eval_knn.py --config configs/dino_vits16.yaml --weights OUTPUT/checkpoint.pth \\
+        [--checkpoint-key teacher] [--num-gpus N] [--dump-features PATH] [KEY VALUE ...]
+    python tools/eval_knn.py --config FILE --load-features PATH      # rerun on saved features
+    python tools/eval_knn.py --config FILE --pixels                   # raw-pixel baseline, no weights
+
+Features of TEST.TRAIN_ROOT and TEST.VAL_ROOT (dataset TEST.DATASET, eval transform TEST.RESIZE_SIZE /
+TEST.CROP_SIZE) are extracted on every process, then the main process classifies the validation set
+for every k of TEST.KNN.K with temperature TEST.KNN.TEMPERATURE, logs a table and writes
+OUTPUT_DIR/knn.json.
+"""
+
+import json
+import logging
+import os
+
+import torch.nn as nn
+
+from dino_research.data import build_dataset, build_eval_transform
+from dino_research.engine import default_setup, eval_argument_parser, launch, load_config, resolve_device
+from dino_research.evaluation.features import extract_features, load_features, save_features
+from dino_research.evaluation.knn import knn_classifier_multi_k
+from dino_research.evaluation.weights import load_backbone
+from dino_research.utils import comm
+
+logger = logging.getLogger("dino_research")
+
+
+def build_parser():
+    parser = eval_argument_parser(__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--load-features", default="", metavar="PATH",
+                        help="features written by --dump-features: skip the images and the backbone")
+    source.add_argument("--pixels", action="store_true",
+                        help="raw-pixel baseline: the eval-transformed image, flattened, is the feature")
+    parser.add_argument("--dump-features", default="", metavar="PATH",
+                        help="also save the extracted train/test features and labels to PATH")
+    return parser
+
+
+def compute_features(cfg, args):
+    """(train_features, train_labels, test_features, test_labels) on every rank."""
+    if args.load_features:
+        logger.info("loading features from %s", args.load_features)
+        return load_features(args.load_features)
+    device = resolve_device(cfg)
+    if args.pixels:
+        backbone = nn.Flatten(1)  # (B, 3, H, W) -> (B, 3HW); extract_features L2-normalizes the rows
+    else:
+        backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
+    backbone.to(device)
+    transform = build_eval_transform(cfg)
+    splits = {}
+    for split, root, train in (("train", cfg.TEST.TRAIN_ROOT, True), ("val", cfg.TEST.VAL_ROOT, False)):
+        dataset = build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
+        logger.info("%s split: %s (%d images)", split, dataset, len(dataset))
+        splits[split] = extract_features(backbone, dataset, batch_size=cfg.TEST.BATCH_SIZE, device=device,
+                                         num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return (*splits["train"], *splits["val"])
+
+
+def main(args) -> None:
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    train_feats, train_labels, test_feats, test_labels = compute_features(cfg, args)
+    if not comm.is_main_process():
+        return
+    if args.dump_features:
+        save_features(args.dump_features, train_feats, train_labels, test_feats, test_labels)
+        logger.info("features written to %s", args.dump_features)
+    device = resolve_device(cfg)
+    ks, temperature = list(cfg.TEST.KNN.K), cfg.TEST.KNN.TEMPERATURE
+    results = knn_classifier_multi_k(train_feats.to(device), train_labels, test_feats, test_labels, ks,
+                                     temperature, chunk_size=cfg.TEST.KNN.CHUNK_SIZE)
+    source = "pixels" if args.pixels else (f"loaded from {args.load_features}" if args.load_features else "backbone")
+    logger.info("weighted k-NN (T=%g), %d train / %d test %s features:", temperature,
+                train_feats.shape[0], test_feats.shape[0], source)
+    logger.info("| %5s | %7s | %7s |", "k", "top-1", "top-5")
+    for k, (top1, top5) in results.items():
+        logger.info("| %5d | %7.2f | %7.2f |", k, top1, top5)
+    summary = {
+        "weights": "" if args.pixels else (args.weights or cfg.MODEL.WEIGHTS),
+        "checkpoint_key": args.checkpoint_key,
+        "features": source,
+        "num_train": int(train_feats.shape[0]),
+        "num_test": int(test_feats.shape[0]),
+        "temperature": temperature,
+        "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()},
+    }
+    path = os.path.join(cfg.OUTPUT_DIR, "knn.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info("results written to %s", path)
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.pixels and args.weights:
+        parser.error("--pixels evaluates raw pixels: it takes no --weights")
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
