@@ -1,5 +1,26 @@
 """Evaluation protocols of the paper as library functions: k-NN, linear probe, attention maps."""
 
+from .attention import (
+    attention_figure,
+    check_attention_backbone,
+    colorize,
+    crop_to_patch_multiple,
+    last_self_attention_maps,
+    prepare_image,
+    threshold_masks,
+    upsample,
+)
 from .weights import config_from_checkpoint, load_backbone
 
-__all__ = ["config_from_checkpoint", "load_backbone"]
+__all__ = [
+    "attention_figure",
+    "check_attention_backbone",
+    "colorize",
+    "config_from_checkpoint",
+    "crop_to_patch_multiple",
+    "last_self_attention_maps",
+    "load_backbone",
+    "prepare_image",
+    "threshold_masks",
+    "upsample",
+]

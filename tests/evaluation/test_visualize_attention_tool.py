@@ -1,0 +1,120 @@
+"""tools/visualize_attention.py end to end on a tiny checkpoint: files, sizes, figure grid, failures."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_research.checkpoint import Checkpointer
+from dino_research.modeling import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = str(REPO / "tools" / "visualize_attention.py")
+PAD, LABEL = 4, 14  # attention_figure's defaults: figure = PAD + cols * (W + PAD) by PAD + rows * (LABEL + H + PAD)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, make_tiny_cfg):
+    """A training checkpoint of a 2-block ViT-tiny/8 (3 heads) that stores its config. The tool is run
+    without --config, so its defaults say vit_small/16 (6 heads): the outputs show which one was used."""
+    cfg = make_tiny_cfg(**{"MODEL.BACKBONE.DEPTH": 2, "MODEL.BACKBONE.PATCH_SIZE": 8})
+    return Checkpointer(str(tmp_path), build_model(cfg)).save("ckpt.pth", iteration=0, config=cfg.dump())
+
+
+def _write_image(path, height, width):
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x * y) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+def _size(path):
+    with Image.open(path) as image:
+        return image.size, image.mode
+
+
+def test_one_image_with_masks(tmp_path, checkpoint):
+    pixels = _write_image(tmp_path / "scene.png", 45, 70)  # H 45, W 70 -> cropped to 40 x 64 (patch 8)
+    out = tmp_path / "out"
+    proc = _run("--weights", checkpoint, "--image", tmp_path / "scene.png", "--output", out, "--threshold", "0.6",
+                "MODEL.DEVICE", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    folder = out / "scene"
+    names = sorted(p.name for p in folder.iterdir())
+    heads = 3  # ViT-tiny, as stored in the checkpoint
+    assert names == sorted(["img.png", "figure.png"] + [f"attn-head{i}.png" for i in range(heads)]
+                           + [f"mask-head{i}.png" for i in range(heads)])
+    assert np.array_equal(np.asarray(Image.open(folder / "img.png")), pixels[:40, :64])  # top-left crop
+    for i in range(heads):
+        assert _size(folder / f"attn-head{i}.png") == ((64, 40), "RGB")
+        assert _size(folder / f"mask-head{i}.png") == ((64, 40), "L")
+        mask = np.asarray(Image.open(folder / f"mask-head{i}.png"))
+        assert set(np.unique(mask)) <= {0, 255} and mask.any()
+        patches = mask.reshape(5, 8, 8, 8)  # one value per 8 x 8 patch
+        assert np.all(patches == patches[:, :1, :, :1])
+    # two rows (maps, masks) of 2 + heads panels
+    assert _size(folder / "figure.png") == ((PAD + (2 + heads) * (64 + PAD), PAD + 2 * (LABEL + 40 + PAD)), "RGB")
+    assert (out / "config.yaml").is_file() and (out / "log.txt").is_file()
+
+
+def test_folder_of_images_resized_by_shorter_side(tmp_path, checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_image(images / "wide.png", 45, 70)
+    _write_image(images / "tall.jpg", 60, 40)
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    # KEY VALUE options right after --image-size must still reach the config.
+    proc = _run("--weights", checkpoint, "--image", images, "--output", out, "--image-size", "48",
+                "MODEL.DEVICE", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["tall", "wide"]
+    # shorter side -> 48, longer side int(48 * long / short), then cropped to multiples of 8
+    for stem, (W, H) in {"wide": (72, 48), "tall": (48, 72)}.items():
+        folder = out / stem
+        assert not list(folder.glob("mask-*"))  # no --threshold, no masks
+        assert _size(folder / "img.png") == ((W, H), "RGB")
+        assert [_size(folder / f"attn-head{i}.png")[0] for i in range(3)] == [(W, H)] * 3
+        assert not (folder / "attn-head3.png").exists()
+        assert _size(folder / "figure.png")[0] == (PAD + 5 * (W + PAD), PAD + LABEL + H + PAD)
+
+
+def test_non_vit_backbone_fails_clearly(tmp_path, monkeypatch):
+    # In process (a third interpreter start would double this file's run time); default_setup is
+    # skipped so the test leaves no log handler behind.
+    spec = importlib.util.spec_from_file_location("visualize_attention", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "default_setup", lambda cfg, args: None)
+    _write_image(tmp_path / "scene.png", 32, 32)
+    args = tool.parse_args(["--image", str(tmp_path / "scene.png"), "--output", str(tmp_path / "out"),
+                            "MODEL.BACKBONE.NAME", "timm", "MODEL.BACKBONE.TIMM_MODEL", "test_resnet"])
+    with pytest.raises(SystemExit) as failure:
+        tool.main(args)
+    message = failure.value.code  # a message, so the process exits with status 1
+    assert isinstance(message, str) and "attention maps need a ViT backbone" in message
+    assert "MODEL.BACKBONE.NAME is 'timm (test_resnet)'" in message
+    assert not (tmp_path / "out" / "scene").exists()
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    spec = importlib.util.spec_from_file_location("visualize_attention", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for argv in (["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--threshold", "1.5"]):
+        with pytest.raises(SystemExit) as failure:
+            tool.parse_args(["--image", "x.png", *argv])
+        assert failure.value.code == 2
+    args = tool.parse_args(["--image", "x.png", "--image-size", "64", "48", "SEED", "3"])
+    assert args.image_size == [64, 48] and args.opts == ["SEED", "3"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files"):
+        tool.image_paths(str(tmp_path / "empty"))
