@@ -10,6 +10,8 @@ from .attention import (
     threshold_masks,
     upsample,
 )
+from .features import extract_features, load_features, save_features, shard_indices
+from .knn import knn_classifier, knn_classifier_multi_k
 from .weights import config_from_checkpoint, load_backbone
 
 __all__ = [
@@ -18,9 +20,15 @@ __all__ = [
     "colorize",
     "config_from_checkpoint",
     "crop_to_patch_multiple",
+    "extract_features",
+    "knn_classifier",
+    "knn_classifier_multi_k",
     "last_self_attention_maps",
     "load_backbone",
+    "load_features",
     "prepare_image",
+    "save_features",
+    "shard_indices",
     "threshold_masks",
     "upsample",
 ]

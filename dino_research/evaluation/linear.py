@@ -232,8 +232,9 @@ def train_linear(embed: Callable[[torch.Tensor], torch.Tensor], classifier: Line
             when present (None: no checkpoint). A resume continues at the next epoch with the same
             samples, augmentations, learning rates and momentum buffers as an uninterrupted run.
 
-    Returns ``{"best", "last": {"epoch", "top1", "top5", "loss"}, "history": [one per epoch], "lr"}``;
-    ``best`` is the epoch of highest val top-1 (earliest on ties).
+    Returns ``{"best", "last", "history", "lr"}``: ``history`` holds one ``{"epoch", "top1", "top5",
+    "loss" (val), "train_loss"}`` per epoch (0-based, all epochs, resumed or not), ``last`` the final
+    one, ``best`` the one of highest val top-1 (earliest on ties). Accuracies in percent.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs} (TEST.LINEAR.EPOCHS)")
@@ -247,16 +248,19 @@ def train_linear(embed: Callable[[torch.Tensor], torch.Tensor], classifier: Line
     schedule = cosine_lr(lr, epochs * iters_per_epoch)
     model = classifier
     if world > 1:
-        model = DistributedDataParallel(classifier, device_ids=[device] if torch.device(device).type == "cuda" else None)
+        on_gpu = torch.device(device).type == "cuda"
+        model = DistributedDataParallel(classifier, device_ids=[device] if on_gpu else None)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     path = os.path.join(output_dir, LINEAR_CHECKPOINT) if output_dir else None
     start_epoch, best, history = 0, None, []
     if path and os.path.isfile(path):
         state = load_file(path)
-        if state["epochs"] != epochs or not math.isclose(state["lr"], lr):
-            raise ValueError(f"{path} was written for {state['epochs']} epochs at lr {state['lr']:.4g}, this run has "
-                             f"{epochs} at {lr:.4g}: delete it or use another OUTPUT_DIR")
+        run = {"epochs": epochs, "lr": lr, "dim": classifier.dim, "num_classes": classifier.num_classes}
+        stored = {key: state[key] for key in run}
+        if any(not math.isclose(stored[key], run[key], rel_tol=1e-9) for key in run):
+            raise ValueError(f"{path} was written by another probe ({stored}) than this run ({run}): "
+                             f"delete it or use another OUTPUT_DIR")
         classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
@@ -272,8 +276,8 @@ def train_linear(embed: Callable[[torch.Tensor], torch.Tensor], classifier: Line
             it = epoch * iters_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = schedule(it)
+            check_labels(labels)  # on the CPU batch: no device synchronization
             labels = labels.to(device, non_blocking=True)
-            check_labels(labels)
             with torch.no_grad():
                 features = embed(images.to(device, non_blocking=True))
             loss = F.cross_entropy(model(features), labels)
@@ -282,8 +286,8 @@ def train_linear(embed: Callable[[torch.Tensor], torch.Tensor], classifier: Line
             optimizer.step()
             loss_sum += loss.detach()
             if log_period and (i + 1) % log_period == 0:
-                logger.info("linear epoch %d iter %d/%d: loss %.4f lr %.4g", epoch, i + 1, iters_per_epoch,
-                            loss.item(), schedule(it))
+                logger.info("linear epoch %d/%d iter %d/%d: loss %.4f lr %.4g", epoch + 1, epochs, i + 1,
+                            iters_per_epoch, loss.item(), schedule(it))
         train_loss = comm.all_reduce_mean_(loss_sum / iters_per_epoch).item()
         stats = {"epoch": epoch, **evaluate_linear(embed, classifier, val_loader, device), "train_loss": train_loss}
         history.append(stats)
@@ -294,7 +298,8 @@ def train_linear(embed: Callable[[torch.Tensor], torch.Tensor], classifier: Line
                     best["top1"], best["epoch"])
         if path and comm.is_main_process():
             atomic_save({"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "epochs": epochs, "lr": lr, "best": best, "history": history}, path)
+                         "epoch": epoch + 1, "epochs": epochs, "lr": lr, "dim": classifier.dim,
+                         "num_classes": classifier.num_classes, "best": best, "history": history}, path)
         comm.synchronize()
     return {"best": best, "last": history[-1], "history": history, "lr": lr}
 

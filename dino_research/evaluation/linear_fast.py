@@ -3,7 +3,7 @@
 Differences from the paper's protocol (``linear.py``), on purpose:
 
 * no augmentation: train and val features are of center crops (``build_eval_transform``), computed
-  once and cached in memory (optionally on disk, :func:`save_features` / :func:`load_features`);
+  once and cached in memory (optionally on disk, :func:`save_block_features` / :func:`load_block_features`);
 * a grid of independent linear classifiers, one per (feature variant, learning rate), sees the *same*
   minibatches in a single pass over the cached features per epoch. Each variant's classifiers are one
   matmul ``(B, dim) x (dim, L*C)``; each learning rate is a separate SGD parameter group, so every
@@ -71,7 +71,9 @@ class ProbeVariant:
         return embed_dim if self.n_last_blocks is None else (self.n_last_blocks + int(self.avgpool)) * embed_dim
 
     def __str__(self) -> str:
-        return "pooled" if self.n_last_blocks is None else f"{self.n_last_blocks} blocks{' + avgpool' if self.avgpool else ''}"
+        if self.n_last_blocks is None:
+            return "pooled"
+        return f"last {self.n_last_blocks} CLS" + (" + avgpool" if self.avgpool else "")
 
 
 def probe_variants(n_last_blocks: Optional[int]) -> list[ProbeVariant]:
@@ -108,7 +110,8 @@ def extract_block_features(backbone: nn.Module, dataset: Dataset, *, n_blocks: i
         labels[filled:filled + len(out)] = torch.as_tensor(target)
         filled += len(out)
         if log_period and (i + 1) % log_period == 0:
-            logger.info("features: %d/%d images (%.0f images/s)", filled, len(share), filled / (time.perf_counter() - start))
+            logger.info("features: %d/%d images (%.0f images/s)", filled, len(share),
+                        filled / (time.perf_counter() - start))
     if features is None:
         raise ValueError(f"{dataset!r} is empty on rank {comm.get_rank()}")
     check_labels(labels)
@@ -121,14 +124,14 @@ def rank_path(path: str) -> str:
     return path if world == 1 else f"{path}.rank{comm.get_rank()}-of-{world}"
 
 
-def save_features(path: str, train: CachedFeatures, val: CachedFeatures, n_blocks: Optional[int]) -> None:
+def save_block_features(path: str, train: CachedFeatures, val: CachedFeatures, n_blocks: Optional[int]) -> None:
     """Write this rank's cached features to :func:`rank_path` ``(path)`` (atomically)."""
     atomic_save({"train": vars(train), "val": vars(val), "n_blocks": n_blocks,
                  "world_size": comm.get_world_size()}, rank_path(path))
 
 
-def load_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Optional[int]]:
-    """Inverse of :func:`save_features`: ``(train, val, n_blocks)``; the world size must be the same."""
+def load_block_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Optional[int]]:
+    """Inverse of :func:`save_block_features`: ``(train, val, n_blocks)``; the world size must be the same."""
     data = load_file(rank_path(path))
     if data.get("world_size") != comm.get_world_size():
         raise ValueError(f"{rank_path(path)} holds the share of one of {data.get('world_size')} processes; "
@@ -137,7 +140,7 @@ def load_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Optional[i
 
 
 class LinearGrid(nn.Module):
-    """``len(variants) x num_lrs`` independent :class:`LinearClassifier` s (same initialization rule).
+    """``len(variants) x num_lrs`` independent :class:`LinearClassifier` (same initialization rule).
 
     ``forward(cached (B, R, D)) -> logits (B, V, L, C)``: for each variant, its features are selected
     once and multiplied by the stacked weights of its L classifiers in one matmul.
@@ -235,7 +238,8 @@ def train_linear_grid(train: CachedFeatures, val: CachedFeatures, *, variants: l
             optimizer.step()
             loss_sum += loss.detach() / n_classifiers
             if log_period and (i + 1) % log_period == 0:
-                logger.info("fast linear epoch %d iter %d/%d: mean loss %.4f", epoch, i + 1, iters, loss.item() / n_classifiers)
+                logger.info("fast linear epoch %d/%d iter %d/%d: mean loss %.4f", epoch + 1, epochs, i + 1, iters,
+                            loss.item() / n_classifiers)
         logger.info("fast linear epoch %d/%d (%.1fs): mean train loss %.4f", epoch + 1, epochs,
                     time.perf_counter() - start, comm.all_reduce_mean_(loss_sum / iters).item())
     acc = evaluate_grid(grid, val, max(batch_size, 256), device).cpu()
@@ -246,10 +250,10 @@ def train_linear_grid(train: CachedFeatures, val: CachedFeatures, *, variants: l
 
 
 def run_fast_linear_eval(cfg, backbone: Optional[nn.Module], device, dump_features: str = "",
-                         load_features_from: str = "") -> dict:
+                         load_features: str = "") -> dict:
     """Fast linear protocol from ``cfg.TEST`` / ``cfg.TEST.LINEAR``.
 
-    Features come from ``load_features_from`` (``backbone`` may then be None) or are extracted from
+    Features come from ``load_features`` (``backbone`` may then be None) or are extracted from
     ``backbone`` with ``TEST.BATCH_SIZE`` (center crops of ``TEST.TRAIN_ROOT`` and ``TEST.VAL_ROOT``)
     and optionally written to ``dump_features``. Writes the best classifier to
     ``OUTPUT_DIR/linear_fast_classifier.pth``. Returns ``{"mode": "fast", "best", "last",
@@ -258,12 +262,12 @@ def run_fast_linear_eval(cfg, backbone: Optional[nn.Module], device, dump_featur
     lin = cfg.TEST.LINEAR
     if not lin.LR_GRID:
         raise ValueError("TEST.LINEAR.LR_GRID is empty: give at least one learning rate")
-    if load_features_from:
-        train, val, n_blocks = load_features(load_features_from)
-        logger.info("features loaded from %s: train %s, val %s", rank_path(load_features_from),
+    if load_features:
+        train, val, n_blocks = load_block_features(load_features)
+        logger.info("features loaded from %s: train %s, val %s", rank_path(load_features),
                     tuple(train.features.shape), tuple(val.features.shape))
         if n_blocks is not None and n_blocks < lin.N_LAST_BLOCKS:
-            raise ValueError(f"{load_features_from} caches {n_blocks} blocks, TEST.LINEAR.N_LAST_BLOCKS asks for "
+            raise ValueError(f"{load_features} caches {n_blocks} blocks, TEST.LINEAR.N_LAST_BLOCKS asks for "
                              f"{lin.N_LAST_BLOCKS}")
     else:
         if backbone is None:
@@ -276,7 +280,7 @@ def run_fast_linear_eval(cfg, backbone: Optional[nn.Module], device, dump_featur
                                              device=device, num_workers=cfg.DATALOADER.NUM_WORKERS,
                                              log_period=cfg.LOG_PERIOD) for ds in splits)
         if dump_features:
-            save_features(dump_features, train, val, n_blocks)
+            save_block_features(dump_features, train, val, n_blocks)
             logger.info("features written to %s", rank_path(dump_features))
     variants = probe_variants(None if n_blocks is None else lin.N_LAST_BLOCKS)
     label_max = torch.tensor([max(int(train.labels.max()), int(val.labels.max()))], device=device)
