@@ -47,7 +47,7 @@ def main(args) -> None:
     backbone = None if args.load_features else load_backbone(cfg, args.weights, args.checkpoint_key)
     if args.fast:
         result = run_fast_linear_eval(cfg, backbone, device, dump_features=args.dump_features,
-                                      load_features_from=args.load_features)
+                                      load_features=args.load_features)
     else:
         result = run_linear_eval(cfg, backbone, device)
     if comm.is_main_process():

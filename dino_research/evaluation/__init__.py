@@ -12,9 +12,30 @@ from .attention import (
 )
 from .features import extract_features, load_features, save_features, shard_indices
 from .knn import knn_classifier, knn_classifier_multi_k
+from .linear import (
+    LinearClassifier,
+    block_features,
+    evaluate_linear,
+    multiblock_features,
+    run_linear_eval,
+    select_features,
+    train_linear,
+)
+from .linear_fast import LinearGrid, probe_variants, run_fast_linear_eval, train_linear_grid
 from .weights import config_from_checkpoint, load_backbone
 
 __all__ = [
+    "LinearClassifier",
+    "LinearGrid",
+    "block_features",
+    "evaluate_linear",
+    "multiblock_features",
+    "probe_variants",
+    "run_fast_linear_eval",
+    "run_linear_eval",
+    "select_features",
+    "train_linear",
+    "train_linear_grid",
     "attention_figure",
     "check_attention_backbone",
     "colorize",

@@ -141,7 +141,11 @@ def extract_features(
     indices = shard_indices(num_items, rank, world_size)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, drop_last=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        # A private generator: the loader's worker seed must not consume the global
+                        # torch RNG, or an evaluation during training would shift the training's
+                        # random stream (and break exact resume).
+                        generator=torch.Generator())
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     was_training = backbone.training
     backbone.eval()

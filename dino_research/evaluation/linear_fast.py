@@ -26,6 +26,7 @@ once features are cached; ``--dump-features`` spares the extraction of a rerun.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -132,6 +133,10 @@ def save_block_features(path: str, train: CachedFeatures, val: CachedFeatures, n
 
 def load_block_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Optional[int]]:
     """Inverse of :func:`save_block_features`: ``(train, val, n_blocks)``; the world size must be the same."""
+    if not os.path.isfile(rank_path(path)):
+        written = sorted(glob.glob(glob.escape(path) + ".rank0-of-*")) + ([path] if os.path.isfile(path) else [])
+        hint = f"; found {', '.join(written)}: run with as many processes as wrote them" if written else ""
+        raise FileNotFoundError(f"no features file {rank_path(path)}{hint}")
     data = load_file(rank_path(path))
     if data.get("world_size") != comm.get_world_size():
         raise ValueError(f"{rank_path(path)} holds the share of one of {data.get('world_size')} processes; "
