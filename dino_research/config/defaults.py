@@ -220,6 +220,9 @@ _C.TEST.KNN.K = (10, 20, 100, 200)
 _C.TEST.KNN.TEMPERATURE = 0.07
 # Test features per similarity chunk: bounds memory at CHUNK_SIZE x train-set-size floats.
 _C.TEST.KNN.CHUNK_SIZE = 256
+# Also report k-NN on raw pixels (the flattened eval image), computed the same way: the baseline a
+# self-supervised model should beat. Cheap on small images; off for ImageNet-size data.
+_C.TEST.KNN.PIXEL_BASELINE = False
 
 _C.TEST.LINEAR = CN()
 # Training epochs of the linear classifier (paper: 100).

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch.nn as nn
+
 from ..checkpoint import LAST_CHECKPOINT, TEACHER_BACKBONE, export_backbone
 from ..utils import comm
 
@@ -78,3 +80,64 @@ class PeriodicWriter(HookBase):
         for writer in self.writers:
             writer.write()
             writer.close()
+
+
+class KNNEvalHook(HookBase):
+    """Weighted k-NN of the teacher backbone every ``TEST.EVAL_PERIOD`` epochs and at the end.
+
+    Features of ``TEST.DATASET`` (train split as memory bank, val split as queries) with the eval
+    transform; scores go to the event store (``knn/top1_k20``, ...), hence to metrics.json and
+    TensorBoard, and to the log as a table. With ``TEST.KNN.PIXEL_BASELINE`` the raw-pixel k-NN is
+    computed once and logged alongside (``knn_pixels/top1_k20``, ...).
+    """
+
+    def __init__(self, period_epochs: int):
+        self.period = period_epochs
+        self._datasets = None
+        self._pixel_results = None
+
+    def _due(self) -> bool:
+        t = self.trainer
+        done = t.iter + 1
+        epoch_end = done % t.iters_per_epoch == 0
+        return done == t.max_iter or (epoch_end and (done // t.iters_per_epoch) % self.period == 0)
+
+    def after_step(self) -> None:
+        if self._due():
+            self.evaluate()
+
+    def evaluate(self) -> dict:
+        from ..data import build_dataset, build_eval_transform
+        from ..evaluation import extract_features, knn_classifier_multi_k
+
+        t, cfg = self.trainer, self.trainer.cfg
+        if self._datasets is None:
+            transform = build_eval_transform(cfg)
+            self._datasets = [build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
+                              for root, train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False))]
+
+        def knn(backbone: nn.Module) -> dict:
+            feats = [extract_features(backbone, ds, batch_size=cfg.TEST.BATCH_SIZE, device=t.device,
+                                      num_workers=cfg.DATALOADER.NUM_WORKERS, progress=False)
+                     for ds in self._datasets]
+            if not comm.is_main_process():
+                return {}
+            return knn_classifier_multi_k(feats[0][0], feats[0][1], feats[1][0], feats[1][1], cfg.TEST.KNN.K,
+                                          cfg.TEST.KNN.TEMPERATURE, chunk_size=cfg.TEST.KNN.CHUNK_SIZE)
+
+        results = knn(t.model.teacher.backbone)
+        new_pixel_results = {}
+        if cfg.TEST.KNN.PIXEL_BASELINE and self._pixel_results is None:
+            self._pixel_results = new_pixel_results = knn(nn.Flatten(1))
+        if comm.is_main_process():
+            for prefix, res in (("knn", results), ("knn_pixels", new_pixel_results)):
+                for k, (top1, top5) in res.items():
+                    t.storage.put_scalars(**{f"{prefix}/top1_k{k}": top1, f"{prefix}/top5_k{k}": top5},
+                                          smoothing_hint=False)
+            rows = [f"  k={k:<4d} teacher top-1 {r[0]:6.2f}  top-5 {r[1]:6.2f}"
+                    + (f"   | raw pixels top-1 {self._pixel_results[k][0]:6.2f}" if self._pixel_results else "")
+                    for k, r in results.items()]
+            logger.info("k-NN after %d iterations (epoch %d) on %s:\n%s", t.iter + 1,
+                        (t.iter + 1) // t.iters_per_epoch, cfg.TEST.DATASET, "\n".join(rows))
+        comm.synchronize()
+        return results

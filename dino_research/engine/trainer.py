@@ -126,8 +126,11 @@ class DINOTrainer:
     # ------------------------------------------------------------------ set-up
     def default_hooks(self) -> list[hooks_lib.HookBase]:
         cfg = self.cfg
-        out = [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
-               hooks_lib.TeacherExporter()]
+        out = []
+        if cfg.TEST.EVAL_PERIOD > 0:  # before the checkpointer: a resumed run never repeats an eval
+            out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD))
+        out += [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
+                hooks_lib.TeacherExporter()]
         if comm.is_main_process():
             writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
                        TensorboardWriter(os.path.join(cfg.OUTPUT_DIR, "tensorboard"))]

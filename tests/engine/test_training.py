@@ -185,3 +185,23 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
                              "SOLVER.EPOCHS", "1"))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.model.teacher.backbone.cls_token.dtype == torch.float32
+
+
+def test_knn_eval_hook_logs_scores_during_training(tmp_path):
+    """TEST.EVAL_PERIOD 1: k-NN of the teacher after each epoch, with the raw-pixel baseline once."""
+    cfg = make_cfg(tmp_path, "TEST.EVAL_PERIOD", "1", "TEST.DATASET", "Synthetic", "TEST.RESIZE_SIZE", "32",
+                   "TEST.CROP_SIZE", "32", "TEST.KNN.K", "(1, 5)", "TEST.KNN.PIXEL_BASELINE", "True",
+                   "TEST.BATCH_SIZE", "8")
+    trainer = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    evals = [r for r in rows if "knn/top1_k5" in r]
+    assert [r["iteration"] for r in evals] == [3, 7]  # after epochs 1 and 2 (4 iterations each)
+    for r in evals:
+        assert 0.0 <= r["knn/top1_k1"] <= 100.0 and r["knn/top1_k5"] <= r["knn/top5_k5"]
+    assert sum("knn_pixels/top1_k5" in r for r in rows) == 1  # the baseline is computed once
+    log = (tmp_path / "log.txt").read_text()
+    assert "k-NN after 8 iterations (epoch 2)" in log and "raw pixels top-1" in log
+    # The evaluation does not disturb training: same weights as a run without it.
+    plain = train(make_cfg(tmp_path / "plain"))
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
