@@ -19,11 +19,12 @@ import os
 import torch.nn as nn
 
 from dino_research.data import build_dataset, build_eval_transform
-from dino_research.engine import default_setup, eval_argument_parser, launch, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
 from dino_research.evaluation.features import extract_features, load_features, save_features
 from dino_research.evaluation.knn import knn_classifier_multi_k
 from dino_research.evaluation.weights import load_backbone
 from dino_research.utils import comm
+from dino_research.utils.slurm import main_or_submit
 
 logger = logging.getLogger("dino_research")
 
@@ -100,5 +101,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.pixels and args.weights:
         parser.error("--pixels evaluates raw pixels: it takes no --weights")
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    main_or_submit(main, args)  # --slurm submits through submitit; otherwise runs here

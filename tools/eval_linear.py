@@ -15,11 +15,12 @@ Writes ``OUTPUT_DIR/linear.json``: ``{"mode", "best": {"top1", "top5", "lr", "n_
 import logging
 import os
 
-from dino_research.engine import default_setup, eval_argument_parser, launch, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
 from dino_research.evaluation import load_backbone
 from dino_research.evaluation.linear import LINEAR_RESULTS, run_linear_eval, write_linear_results
 from dino_research.evaluation.linear_fast import run_fast_linear_eval
 from dino_research.utils import comm
+from dino_research.utils.slurm import main_or_submit
 
 logger = logging.getLogger("dino_research")
 
@@ -59,5 +60,4 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     args = parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    main_or_submit(main, args)  # --slurm submits through submitit; otherwise runs here

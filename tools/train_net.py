@@ -15,9 +15,9 @@ from dino_research.engine import (
     default_argument_parser,
     default_setup,
     install_stop_handlers,
-    launch,
     load_config,
 )
+from dino_research.utils.slurm import main_or_submit
 
 
 def main(args) -> None:
@@ -36,5 +36,4 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     args = default_argument_parser(__doc__).parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    main_or_submit(main, args)  # --slurm submits through submitit; otherwise runs here

@@ -14,6 +14,7 @@ import torch
 from ..config import CfgNode, get_cfg
 from ..utils import comm
 from ..utils.logger import setup_logger
+from ..utils.slurm import add_slurm_arguments
 
 logger = logging.getLogger("dino_research")
 
@@ -31,6 +32,7 @@ def default_argument_parser(description: str = "dino_research") -> argparse.Argu
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0-based)")
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0, or 'auto' on one machine")
+    add_slurm_arguments(parser)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.BASE_LR 0.001 SOLVER.EPOCHS 300")
     return parser

@@ -42,7 +42,7 @@ def run_tool(output_dir, *args, monkeypatch):
     on a loaded machine): parse, launch on one process, read linear.json and the log."""
     monkeypatch.setattr(sys, "argv", ["eval_linear.py", *args, *EVAL, "OUTPUT_DIR", str(output_dir)])
     parsed = TOOL.parse_args()
-    TOOL.launch(TOOL.main, parsed.num_gpus, args=(parsed,))
+    TOOL.main_or_submit(TOOL.main, parsed)
     return json.loads((Path(output_dir) / "linear.json").read_text()), (Path(output_dir) / "log.txt").read_text()
 
 
