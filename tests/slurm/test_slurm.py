@@ -94,10 +94,10 @@ def test_local_executor_runs_the_job_and_records_status(tmp_path):
 
 
 # ------------------------------------------------------------------------------ real SLURM
-def _submit(tmp_path, name, *extra, tasks=1):
+def _submit(tmp_path, *overrides, tasks=1, flags=()):
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--slurm", "--gpus-per-node", "0",
            "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--timeout-min", "30",
-           "--job-dir", str(tmp_path / "jobs"), *TINY, *extra]
+           "--job-dir", str(tmp_path / "jobs"), *flags, *TINY, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return re.findall(r"submitted job (\S+)", proc.stdout), proc.stdout
@@ -110,7 +110,7 @@ def _job_logs(tmp_path) -> str:
 @needs_slurm
 def test_two_task_ddp_job_finishes_with_checkpoint_and_metrics(tmp_path):
     out = tmp_path / "ddp"
-    jobs, _ = _submit(tmp_path, "ddp", "OUTPUT_DIR", str(out), tasks=2)
+    jobs, _ = _submit(tmp_path, "OUTPUT_DIR", str(out), tasks=2)
     wait_for(jobs, timeout_s=600)
     assert read_status(str(out)).get("state") == "done", _job_logs(tmp_path)
     ckpt = load_file(str(out / LAST_CHECKPOINT))
@@ -121,8 +121,8 @@ def test_two_task_ddp_job_finishes_with_checkpoint_and_metrics(tmp_path):
 @needs_slurm
 def test_sweep_is_one_array_and_collect_results_lists_both_runs(tmp_path):
     sweep = tmp_path / "sweep"
-    jobs, stdout = _submit(tmp_path, "sweep", "--sweep", "SOLVER.BASE_LR=0.0005,0.001", "SOLVER.EPOCHS", "1",
-                           "OUTPUT_DIR", str(sweep))
+    jobs, stdout = _submit(tmp_path, "SOLVER.EPOCHS", "1", "OUTPUT_DIR", str(sweep),
+                           flags=("--sweep", "SOLVER.BASE_LR=0.0005,0.001"))
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one array, two tasks
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert [r["overrides"] for r in manifest["runs"]] == [["SOLVER.BASE_LR", "0.0005"], ["SOLVER.BASE_LR", "0.001"]]
@@ -138,8 +138,8 @@ def test_sweep_is_one_array_and_collect_results_lists_both_runs(tmp_path):
 @needs_slurm
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(tmp_path):
     long = ["SOLVER.EPOCHS", "8", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.SNAPSHOT_EPOCHS", "0"]
-    ref_jobs, _ = _submit(tmp_path, "ref", *long, "OUTPUT_DIR", str(tmp_path / "ref"))
-    jobs, _ = _submit(tmp_path, "pre", *long, "OUTPUT_DIR", str(tmp_path / "pre"))
+    ref_jobs, _ = _submit(tmp_path, *long, "OUTPUT_DIR", str(tmp_path / "ref"))
+    jobs, _ = _submit(tmp_path, *long, "OUTPUT_DIR", str(tmp_path / "pre"))
     metrics = tmp_path / "pre" / "metrics.json"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
