@@ -158,3 +158,19 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(tmp_path):
     for key, value in ref["model"].items():
         assert torch.equal(got["model"][key], value), key
     assert "stopped by SIGUSR2" in (tmp_path / "pre" / "log.txt").read_text()
+
+
+def test_a_real_error_fails_the_job_without_requeue(tmp_path):
+    """A job whose training raises is recorded as failed, with the error, and never requeued."""
+    cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--slurm", "--slurm-cluster", "local",
+           "--gpus-per-node", "0", "--tasks-per-node", "1", "--job-dir", str(tmp_path / "jobs"), *TINY,
+           "DATASETS.TRAIN", "ImageFolder", "DATASETS.TRAIN_ROOT", str(tmp_path / "missing"),
+           "OUTPUT_DIR", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.time() + 240
+    while read_status(str(tmp_path / "out")).get("state") not in ("done", "failed") and time.time() < deadline:
+        time.sleep(1)
+    status = read_status(str(tmp_path / "out"))
+    assert status["state"] == "failed" and "missing" in status["error"]
+    assert status.get("requeues", 0) == 0
