@@ -4,21 +4,34 @@
 2021, ``main_dino.py``): two global crops and ``LOCAL_CROPS_NUMBER`` local crops, each a
 RandomResizedCrop (bicubic) followed by flip, color jitter, grayscale, Gaussian blur and, on global
 crops, solarization, then ToTensor and Normalize. The operations, their order, their parameters and
-the random generator each one draws from are the reference's, so with the paper's settings and the
-same seeds the crops equal the reference's bit for bit (``tests/data/test_augmentations.py`` checks it).
+the random numbers each one draws (same generator, same order) are the reference's, so with the same
+seeds every crop box, flip, jitter factor and order, grayscale, blur radius and solarization equals
+the reference's. Only the pixel arithmetic is faster, and equal to it up to rounding:
 
+- crop and resize are one call to torch's uint8 antialiased bicubic resampling (PIL's kernel, AVX2)
+  instead of PIL's resize. It rounds the 8-bit intermediate of its two passes differently: a few %
+  of values differ, nearly all by one level; by more (up to ~20 on pure noise) where the bicubic
+  overshoot is clipped between passes, as PIL sometimes resamples vertically first;
+- brightness, contrast, saturation, hue and grayscale run on float32 numpy arrays holding integers
+  and replay PIL's arithmetic (blend with float32 weights and truncation, the L conversion, the 8-bit
+  HSV round trip of torchvision's ``adjust_hue``): the same bytes (checked on all 2**24 colors);
+- the Gaussian blur is PIL's own; ToTensor + Normalize is one multiply-add (float32 rounding).
+
+``tests/data/test_augmentations.py`` checks against the reference pipeline that the draws are the
+same, that crops needing no resize have the same 8-bit values and that resized crops are close.
 The public interface is ``DINOMultiCrop(cfg)`` or ``DINOMultiCrop(**kwargs)``, then
-``aug(image) -> list[Tensor (3, h, w)]``. How the pipelines are built (``_build_pipelines``) is an
-internal detail that a faster implementation may replace.
+``aug(image) -> list[Tensor (3, h, w)]``.
 """
 
 from __future__ import annotations
 
 import random
 from numbers import Real
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
@@ -41,10 +54,13 @@ class RandomGaussianBlur:
         self.p = p
         self.radius = radius
 
+    def draw(self) -> float | None:
+        """The radius to blur with, or None: the random draws of one call, without an image."""
+        return random.uniform(*self.radius) if random.random() < self.p else None
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        if random.random() < self.p:
-            return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
-        return image
+        radius = self.draw()
+        return image if radius is None else image.filter(ImageFilter.GaussianBlur(radius=radius))
 
     def __repr__(self) -> str:
         return f"GaussianBlur(p={self.p}, radius={tuple(self.radius)})"
@@ -58,13 +74,148 @@ class RandomSolarize:
         self.p = p
         self.threshold = threshold
 
+    def draw(self) -> bool:
+        """Whether to solarize: the random draw of one call, without an image."""
+        return random.random() < self.p
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        if random.random() < self.p:
-            return ImageOps.solarize(image, self.threshold)
-        return image
+        return ImageOps.solarize(image, self.threshold) if self.draw() else image
 
     def __repr__(self) -> str:
         return f"Solarize(p={self.p}, threshold={self.threshold})"
+
+
+# ------------------------------------------------------------------------------ pixel operations
+# Each works on ``x (3, H, W)`` float32 numpy arrays holding integers in [0, 255] (RGB) and gives
+# what torchvision's PIL functions give on the uint8 image, bit for bit: integers below 2**24 are
+# exact in float32, so PIL's integer and float32 arithmetic replays exactly (each float32 operation
+# rounded as in PIL's C code). numpy rather than torch: the arrays are small, numpy's per-call
+# overhead is lower.
+_f32 = np.float32
+
+
+def _truncate_(x: np.ndarray) -> np.ndarray:
+    """PIL's blend stores ``temp <= 0 -> 0, temp >= 255 -> 255, else (UINT8)temp``."""
+    np.clip(x, _f32(0.0), _f32(255.0), out=x)
+    return np.floor(x, out=x)
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    """PIL's ``convert("L")``: ``(19595 R + 38470 G + 7471 B + 2**15) >> 16``, shape (H, W)."""
+    luma = x[0] * _f32(19595.0)
+    luma += x[1] * _f32(38470.0)
+    luma += x[2] * _f32(7471.0)
+    luma += _f32(32768.0)
+    luma *= _f32(1.0 / 65536.0)
+    return np.floor(luma, out=luma)
+
+
+def _blend_(x: np.ndarray, degenerate, factor: float) -> np.ndarray:
+    """PIL's ``Image.blend(degenerate, x, factor)``, ``degenerate + factor * (x - degenerate)``
+    in float32 then truncated (what ``ImageEnhance`` does), in place."""
+    x -= degenerate
+    x *= _f32(factor)
+    x += degenerate
+    return _truncate_(x)
+
+
+def _adjust_contrast_(x: np.ndarray, factor: float) -> np.ndarray:
+    # ImageEnhance.Contrast blends with the mean of the L image, rounded as int(mean + 0.5).
+    mean = int(float(_luma(x).sum(dtype=np.float64)) / (x.shape[1] * x.shape[2]) + 0.5)
+    return _blend_(x, _f32(mean), factor)
+
+
+_HUE_CENTER = np.array([127.5, 85.0, 170.0], _f32).reshape(3, 1, 1)
+_HUE_SIGN = np.array([-1.0, 1.0, 1.0], _f32).reshape(3, 1, 1)
+_HUE_OFFSET = np.array([85.0, -42.5, -42.5], _f32).reshape(3, 1, 1)
+
+
+def _adjust_hue(x: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's PIL ``adjust_hue``: RGB -> 8-bit HSV (PIL), H += int(factor * 255) mod 256, -> RGB.
+
+    Follows PIL's ``rgb2hsv``/``hsv2rgb`` with the rounding of each of their float operations;
+    checked equal on all 2**24 colors.
+    """
+    r, g, b = x
+    maxc = np.maximum(np.maximum(r, g), b)
+    minc = np.minimum(np.minimum(r, g), b)
+    chroma = maxc - minc
+    # PIL divides (max - c) / chroma for each channel c; only the middle channel's quotient t is
+    # neither 0 nor 1, and the hue in sixths of a turn is K + sign * t (one float32 rounding).
+    t = maxc + maxc
+    t += minc
+    t -= r
+    t -= g
+    t -= b
+    t /= np.maximum(chroma, _f32(1.0))
+    rg, gb, br = r >= g, g >= b, b >= r
+    # (K, sign): red max: (1, -1) if g >= b else (-1, +1); green max: (1, +1) if b < r else (3, -1);
+    # blue max: (3, +1) if r < g else (5, -1); ties give the same hue either way. In terms of the
+    # comparisons: sign = 3 - 2 (rg + gb + br), K = 1 + 2 br + 2 rg (gb + 2 br - 1).
+    sign = np.add(rg, gb, dtype=_f32)
+    sign += br
+    sign *= _f32(-2.0)
+    sign += _f32(3.0)
+    k = np.multiply(br, _f32(2.0), dtype=_f32)
+    k += gb
+    k -= _f32(1.0)
+    k *= rg
+    k += br
+    k *= _f32(2.0)
+    k += _f32(1.0)
+    h = sign * t
+    h += k
+    # PIL: (int)(255 * fmod(h / 6 + 1, 1)), the fmod in double; h / 6 + [h < 0] in float32 gives
+    # the same byte on all colors (h < 0 only for red max with g < b).
+    h /= _f32(6.0)
+    h += h < _f32(0.0)  # adds 1.0 where negative
+    h *= _f32(255.0)
+    hue = np.floor(h, out=h)
+    hue += _f32(int(factor * 255) % 256)  # torchvision: np_h += np.int32(factor * 255).astype(uint8)
+    hue -= np.multiply(hue >= _f32(256.0), _f32(256.0), dtype=_f32)  # wrap around to a byte
+    # hsv2rgb: each channel is round(v * (1 - s * w)), w in [0, 1] a trapezoid of the hue, 0 where
+    # the channel is the max and 1 where it is the min; 42.5 * w is exact in float32.
+    scale = chroma / np.maximum(maxc, _f32(1.0))
+    scale *= _f32(255.0)
+    np.floor(scale, out=scale)  # PIL's 8-bit saturation
+    scale *= maxc
+    scale *= _f32(1.0 / (255.0 * 42.5))
+    w = hue - _HUE_CENTER
+    np.abs(w, out=w)
+    w *= _HUE_SIGN
+    w += _HUE_OFFSET
+    np.clip(w, _f32(0.0), _f32(42.5), out=w)
+    w *= scale
+    out = maxc + _f32(0.5)
+    out = out - w
+    return np.floor(out, out=out)
+
+
+def _solarize_(x: np.ndarray, threshold: int) -> np.ndarray:
+    """``ImageOps.solarize``: ``v >= threshold`` becomes ``255 - v``, in place."""
+    return np.subtract(_f32(255.0), x, out=x, where=x >= threshold)
+
+
+def _gaussian_blur(x: np.ndarray, radius: float) -> np.ndarray:
+    """PIL's ``GaussianBlur(radius)`` on the 8-bit image."""
+    planes = x.astype(np.uint8)
+    size = (x.shape[2], x.shape[1])
+    bands = [Image.frombuffer("L", size, plane, "raw", "L", 0, 1) for plane in planes]
+    blurred = Image.merge("RGB", bands).filter(ImageFilter.GaussianBlur(radius=radius))
+    return np.asarray(blurred).transpose(2, 0, 1).astype(_f32, order="C")
+
+
+def _torch_uniform() -> float:
+    """One draw of ``torch.rand(1)`` (torch's global generator), as a Python float."""
+    return torch.rand(1).item()
+
+
+class _CropSpec(NamedTuple):
+    """What differs between the kinds of crop: box and size, blur, solarization (None: absent)."""
+
+    crop: T.RandomResizedCrop
+    blur: RandomGaussianBlur | None
+    solarize: RandomSolarize | None
 
 
 def _key(arg: str) -> str:
@@ -208,48 +359,84 @@ class DINOMultiCrop:
 
     # ------------------------------------------------------------------------------ pipelines
     def _build_pipelines(self) -> None:
-        """Build ``self._global`` (one PIL pipeline per global crop), ``self._local`` and ``self._finish``.
+        """Build ``self._global`` (one ``_CropSpec`` per global crop), ``self._local`` and the shared steps.
 
         A step whose probability is 0 is left out, so it draws no random number: the reference has
         no solarization step on the first global crop or the local crops, and keeping the random
-        streams aligned with it is what makes the equivalence test exact.
+        streams aligned with it is what makes the draws equal the reference's.
         """
+        bicubic = T.InterpolationMode.BICUBIC
 
-        def crop_pipeline(size, scale, blur_prob, solarize_prob):
-            bicubic = T.InterpolationMode.BICUBIC
-            steps = [T.RandomResizedCrop(size, scale=scale, ratio=self.crop_ratio, interpolation=bicubic)]
-            if self.flip_prob > 0:
-                steps.append(T.RandomHorizontalFlip(p=self.flip_prob))
-            if self.color_jitter_prob > 0:
-                steps.append(T.RandomApply([T.ColorJitter(*self.color_jitter)], p=self.color_jitter_prob))
-            if self.grayscale_prob > 0:
-                steps.append(T.RandomGrayscale(p=self.grayscale_prob))
-            if blur_prob > 0:
-                steps.append(RandomGaussianBlur(blur_prob, self.blur_radius))
-            if solarize_prob > 0:
-                steps.append(RandomSolarize(solarize_prob, self.solarize_threshold))
-            return steps
+        def spec(size, scale, blur_prob, solarize_prob):
+            return _CropSpec(
+                T.RandomResizedCrop(size, scale=scale, ratio=self.crop_ratio, interpolation=bicubic),
+                RandomGaussianBlur(blur_prob, self.blur_radius) if blur_prob > 0 else None,
+                RandomSolarize(solarize_prob, self.solarize_threshold) if solarize_prob > 0 else None,
+            )
 
         self._global = [
-            crop_pipeline(self.global_crop_size, self.global_crops_scale, blur, solarize)
+            spec(self.global_crop_size, self.global_crops_scale, blur, solarize)
             for blur, solarize in zip(self.global_blur_probs, self.global_solarize_probs)
         ]
-        self._local = crop_pipeline(self.local_crop_size, self.local_crops_scale, self.local_blur_prob, 0.0)
-        self._finish = [T.ToTensor(), T.Normalize(self.mean, self.std)]
-
-    @staticmethod
-    def _apply(steps, image):
-        for step in steps:
-            image = step(image)
-        return image
+        self._local = spec(self.local_crop_size, self.local_crops_scale, self.local_blur_prob, 0.0)
+        # Holds the jitter ranges as torchvision normalizes them (None: that factor is not drawn).
+        self._jitter = T.ColorJitter(*self.color_jitter) if self.color_jitter_prob > 0 else None
+        # torchvision compares torch.rand(1) (float32) with p cast to float32: the same comparisons.
+        probs = {"flip": self.flip_prob, "jitter": self.color_jitter_prob, "grayscale": self.grayscale_prob}
+        self._p32 = {name: float(_f32(p)) for name, p in probs.items()}
+        # ToTensor + Normalize as one multiply-add: (v / 255 - mean) / std = v * scale + shift.
+        mean, std = np.array(self.mean).reshape(3, 1, 1), np.array(self.std).reshape(3, 1, 1)
+        self._scale = (1.0 / (255.0 * std)).astype(_f32)
+        self._shift = (-mean / std).astype(_f32)
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         """``image`` (PIL, any mode) -> ``2 + local_crops_number`` tensors ``(3, h, w)``, global first."""
-        image = to_rgb(image)
+        # (1, 3, H, W) uint8 over the (H, W, 3) pixels: the channels-last layout torch resizes fastest.
+        pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).unsqueeze(0)
         # Reference order: global 1, global 2, then the local crops (fixes the random streams).
-        pils = [self._apply(steps, image) for steps in self._global]
-        pils += [self._apply(self._local, image) for _ in range(self.local_crops_number)]
-        return [self._apply(self._finish, crop) for crop in pils]
+        specs = self._global + [self._local] * self.local_crops_number
+        return [self._crop(pixels, spec) for spec in specs]
+
+    def _crop(self, pixels: torch.Tensor, spec: _CropSpec) -> torch.Tensor:
+        """One crop of ``pixels (1, 3, H, W)`` uint8 -> ``(3, size, size)`` normalized.
+
+        The random draws, in the reference's order: crop box, flip, jitter (apply?, then order and
+        factors), grayscale (torch); blur, solarization (Python's ``random``).
+        """
+        i, j, h, w = spec.crop.get_params(pixels, spec.crop.scale, spec.crop.ratio)
+        size = spec.crop.size
+        box = pixels[:, :, i : i + h, j : j + w]
+        if (h, w) != tuple(size):  # like PIL, an equal size is not resampled
+            box = F.interpolate(box, size=size, mode="bicubic", antialias=True)
+        crop = box[0].numpy()  # (3, size, size) uint8
+        if self.flip_prob > 0 and _torch_uniform() < self._p32["flip"]:
+            crop = crop[:, :, ::-1]
+        x = crop.astype(_f32, order="C")  # flipped and converted in one copy
+        if self._jitter is not None and not self._p32["jitter"] < _torch_uniform():  # as RandomApply
+            jit = self._jitter
+            order, *factors = T.ColorJitter.get_params(jit.brightness, jit.contrast, jit.saturation, jit.hue)
+            for index in order.tolist():
+                factor = factors[index]
+                if factor is None:
+                    continue
+                if index == 0:
+                    _truncate_(np.multiply(x, _f32(factor), out=x))  # ImageEnhance.Brightness: blend with 0
+                elif index == 1:
+                    _adjust_contrast_(x, factor)
+                elif index == 2:
+                    _blend_(x, _luma(x), factor)  # ImageEnhance.Color: blend with the L image
+                else:
+                    x = _adjust_hue(x, factor)
+        if self.grayscale_prob > 0 and _torch_uniform() < self._p32["grayscale"]:
+            x[:] = _luma(x)  # the L image on the three channels, as RandomGrayscale on RGB
+        radius = spec.blur.draw() if spec.blur is not None else None
+        if radius is not None:
+            x = _gaussian_blur(x, radius)
+        if spec.solarize is not None and spec.solarize.draw():
+            _solarize_(x, spec.solarize.threshold)
+        x *= self._scale
+        x += self._shift
+        return torch.from_numpy(x)
 
     @property
     def num_crops(self) -> int:
@@ -257,23 +444,25 @@ class DINOMultiCrop:
         return self.num_global_crops + self.local_crops_number
 
     def __repr__(self) -> str:
-        def line(name, steps):
-            return f"  {name}: " + " -> ".join(_short_repr(s) for s in steps + self._finish)
+        shared = []
+        if self.flip_prob > 0:
+            shared.append(f"RandomHorizontalFlip(p={self.flip_prob})")
+        if self._jitter is not None:
+            j = self._jitter
+            jitter = f"ColorJitter(brightness={j.brightness}, contrast={j.contrast}, "
+            jitter += f"saturation={j.saturation}, hue={j.hue})"
+            shared.append(f"RandomApply({jitter}, p={self.color_jitter_prob})")
+        if self.grayscale_prob > 0:
+            shared.append(f"RandomGrayscale(p={self.grayscale_prob})")
+        finish = ["ToTensor()", f"Normalize(mean={self.mean}, std={self.std})"]
 
-        lines = [line(f"global crop {i + 1}", steps) for i, steps in enumerate(self._global)]
+        def line(name, spec):
+            c = spec.crop
+            ratio, mode = tuple(round(r, 4) for r in c.ratio), c.interpolation.value
+            crop = f"RandomResizedCrop({c.size[0]}, scale={tuple(c.scale)}, ratio={ratio}, {mode})"
+            tail = [repr(step) for step in (spec.blur, spec.solarize) if step is not None]
+            return f"  {name}: " + " -> ".join([crop] + shared + tail + finish)
+
+        lines = [line(f"global crop {i + 1}", spec) for i, spec in enumerate(self._global)]
         lines.append(line(f"local crops x{self.local_crops_number}", self._local))
         return "DINOMultiCrop(\n" + "\n".join(lines) + "\n)"
-
-
-def _short_repr(step) -> str:
-    """One-line description of a pipeline step (torchvision's RandomApply repr spans lines)."""
-    if isinstance(step, T.RandomApply):
-        return f"RandomApply({', '.join(_short_repr(t) for t in step.transforms)}, p={step.p})"
-    if isinstance(step, T.RandomResizedCrop):
-        ratio = tuple(round(r, 4) for r in step.ratio)
-        scale = tuple(step.scale)
-        return f"RandomResizedCrop({step.size[0]}, scale={scale}, ratio={ratio}, {step.interpolation.value})"
-    if isinstance(step, T.ColorJitter):
-        b, c, s, h = (step.brightness, step.contrast, step.saturation, step.hue)
-        return f"ColorJitter(brightness={b}, contrast={c}, saturation={s}, hue={h})"
-    return " ".join(repr(step).split())

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Benchmarks of dino_research, printed as Markdown tables.
+
+    python tools/benchmark.py [--only SECTION] [--iterations 40] [--repeats 7]
+
+Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
+
+- ``augmentation``: DINO's multi-crop augmentation with the paper's settings (2 global crops of 224,
+  8 local crops of 96) on one deterministic 500x375 RGB image, in images/s per data-loader worker
+  (one process, one thread: ``torch.set_num_threads(1)``). ``DINOMultiCrop`` is timed against a
+  plain torchvision-on-PIL pipeline doing the same operations (``plain_torchvision_multicrop``), in
+  the same run: the two alternate, block by block, from the same seeds, so they draw the same crops,
+  flips, jitters and blurs and share whatever load the machine has. Reported: the median over
+  ``--repeats`` blocks of ``--iterations`` images; the speedup is the median of the per-block ratios.
+
+This is a benchmark, not a test: the default sizes take well under a minute on one CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+from dino_research.config import get_cfg
+from dino_research.data.augmentations import DINOMultiCrop
+
+
+# ------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}, "
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+
+
+# ------------------------------------------------------------------------------ augmentation
+class _PaperBlur:
+    """``utils.GaussianBlur`` of the DINO reference: PIL's blur, radius uniform in [0.1, 2]."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() <= self.p:
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+        return img
+
+
+class _PaperSolarize:
+    """``utils.Solarization`` of the DINO reference."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def plain_torchvision_multicrop():
+    """``DataAugmentationDINO`` of the DINO reference (``main_dino.py``), the paper's arguments: a
+    plain torchvision-on-PIL pipeline. ``image -> [global 224 x2, local 96 x8]`` normalized tensors."""
+    flip_jitter_gray = T.Compose([
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ])
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bicubic = T.InterpolationMode.BICUBIC
+    global_1 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic), flip_jitter_gray,
+                          _PaperBlur(1.0), normalize])
+    global_2 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic), flip_jitter_gray,
+                          _PaperBlur(0.1), _PaperSolarize(0.2), normalize])
+    local = T.Compose([T.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic), flip_jitter_gray,
+                       _PaperBlur(0.5), normalize])
+
+    def augment(image):
+        return [global_1(image), global_2(image)] + [local(image) for _ in range(8)]
+
+    return augment
+
+
+def benchmark_image(width: int = 500, height: int = 375, seed: int = 0) -> Image.Image:
+    """A deterministic RGB photo stand-in: color ramps, a smooth pattern and seeded sensor noise."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    pattern = 128 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    pixels = np.stack([xx * 255 / (width - 1), yy * 255 / (height - 1), pattern], axis=-1)
+    pixels += np.random.default_rng(seed).normal(0.0, 20.0, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def bench_augmentation(iterations: int, repeats: int) -> list[dict]:
+    """Time the plain torchvision pipeline and ``DINOMultiCrop(get_cfg())`` on one thread.
+
+    Returns one row per pipeline: ``{"pipeline", "images_per_s", "ms_per_image", "speedup"}``, the
+    medians over ``repeats`` blocks of ``iterations`` images (speedup: median per-block ratio).
+    """
+    image = benchmark_image()
+    pipelines = {
+        "plain torchvision on PIL (DINO reference ops)": plain_torchvision_multicrop(),
+        "`DINOMultiCrop(get_cfg())`": DINOMultiCrop(get_cfg()),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one data-loader worker = one process with one thread
+    try:
+        for augment in pipelines.values():  # warm-up: allocator, lazy imports
+            augment(image)
+        seconds = {name: [] for name in pipelines}
+        for block in range(repeats):
+            # Alternate which goes first; the same seeds give both the same random parameters.
+            names = list(pipelines) if block % 2 == 0 else list(reversed(pipelines))
+            for name in names:
+                random.seed(block)
+                torch.manual_seed(block)
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    pipelines[name](image)
+                seconds[name].append((time.perf_counter() - start) / iterations)
+    finally:
+        torch.set_num_threads(threads)
+    reference = seconds[next(iter(pipelines))]
+    return [
+        {
+            "pipeline": name,
+            "images_per_s": statistics.median(1.0 / s for s in per_image),
+            "ms_per_image": 1e3 * statistics.median(per_image),
+            "speedup": statistics.median(r / s for r, s in zip(reference, per_image)),
+        }
+        for name, per_image in seconds.items()
+    ]
+
+
+def augmentation_section(args) -> None:
+    rows = bench_augmentation(args.iterations, args.repeats)
+    print("## Multi-crop augmentation\n")
+    print("500x375 RGB image, 2 global crops 224 + 8 local crops 96 (paper settings), one thread; "
+          f"median of {args.repeats} interleaved blocks of {args.iterations} images.\n")
+    print("| pipeline | images/s per worker | ms/image | speedup |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        rate, ms, speedup = row["images_per_s"], row["ms_per_image"], row["speedup"]
+        print(f"| {row['pipeline']} | {rate:.1f} | {ms:.2f} | {speedup:.2f}x |")
+    print(f"\nTarget: >= 1.5x the plain pipeline per worker; measured {rows[-1]['speedup']:.2f}x.\n")
+
+
+# ------------------------------------------------------------------------------ main
+# Section name -> function(args) printing its Markdown. A new section is one function and one entry
+# here (with its own arguments in ``main``'s parser); ``--only`` offers exactly these names.
+SECTIONS = {
+    "augmentation": augmentation_section,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=list(SECTIONS), help="run only this section (default: every section)")
+    parser.add_argument("--iterations", type=int, default=40, help="augmentation: images per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="augmentation: timed blocks per pipeline")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.repeats < 1:
+        parser.error("--iterations and --repeats must be >= 1")
+
+    command = [os.path.basename(sys.executable), sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    print(f"Machine: {machine_line()}")
+    print(f"Command: {' '.join(shlex.quote(a) for a in command)}\n")
+    for name in [args.only] if args.only else SECTIONS:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
