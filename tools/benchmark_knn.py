@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from dino_research.evaluation.knn import knn_classifier_multi_k
 
+from benchmark import cpu_model  # the shared machine description of tools/benchmark.py
+
 
 @torch.no_grad()
 def per_k_reference(train_features, train_labels, test_features, test_labels, k, T, num_classes, chunk_size):
@@ -46,17 +48,6 @@ def per_k_reference(train_features, train_labels, test_features, test_labels, k,
         correct5 += int(hits.any(dim=1).sum())
     n = test_features.shape[0]
     return 100.0 * correct1 / n, 100.0 * correct5 / n
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
