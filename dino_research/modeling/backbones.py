@@ -17,6 +17,7 @@ import timm as timm_lib  # the module name `timm` is taken by the registered bui
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import models as tv_models
@@ -36,6 +37,42 @@ def _init_dino(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+class DINOAttention(Attention):
+    """timm's multi-head self-attention (``F.scaled_dot_product_attention``), same parameters and same
+    forward values, with the q, k, v split taken so that their gradients need one copy less.
+
+    timm permutes the qkv projection to (3, B, heads, N, head_dim) and unbinds the first dim: the
+    backward then stacks the three gradients in that order and must copy them back to the projection's
+    (B, N, 3 * D) layout. Splitting the (B, N, 3, heads, head_dim) view along its own dim 2 gives q, k, v
+    with the same strides, and the stacked gradients are already in the projection's layout (the CPU
+    flash-attention backward returns them as (B, N, heads, head_dim) memory). DINO uses none of timm's
+    options on top (qk-norm, scale-norm, gating, masks): they are rejected at construction.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        # getattr: older timm 1.0.x releases have no scale-norm or gate attributes at all.
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+                and isinstance(getattr(self, "norm", nn.Identity()), nn.Identity)
+                and getattr(self, "gate", None) is None):
+            raise ValueError("DINOAttention implements plain multi-head attention (no qk/scale norm, no gate)")
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, N, D)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("DINOAttention takes no attention mask")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, N, head_dim)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(x))
 
 
 class DINOVisionTransformer(VisionTransformer):
@@ -81,6 +118,7 @@ class DINOVisionTransformer(VisionTransformer):
             proj_drop_rate=0.0,
             attn_drop_rate=0.0,
             drop_path_rate=drop_path_rate,  # linear in depth from 0, as DINO's torch.linspace rule
+            attn_layer=DINOAttention,
         )
         self.patch_size = patch_size
         self.num_heads = num_heads
