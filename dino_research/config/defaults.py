@@ -146,6 +146,11 @@ _C.DATASETS.DOWNLOAD = False
 _C.DATALOADER = CN()
 # Loader worker processes per training process (paper: 10 per GPU).
 _C.DATALOADER.NUM_WORKERS = 10
+# What the pretraining loader does with an image file it cannot read (truncated, empty, not an image,
+# over Pillow's decompression-bomb limit). False (default): skip it, replacing the sample by the next
+# readable one (deterministically: resume stays exact), log and count it; one bad file in a million
+# should not kill a multi-day run. True: stop at the first one with an error naming the file.
+_C.DATALOADER.STRICT = False
 
 # ---------------------------------------------------------------------------------------------------
 # Solver

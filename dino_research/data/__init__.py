@@ -2,6 +2,7 @@
 
 from .build import AUGMENTATION_REGISTRY, DATASET_REGISTRY, build_augmentation, build_dataset
 from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
+from .datasets import UnreadableImageError
 from .eval_transforms import build_eval_transform
 from .loader import PretrainLoader, SeededSampleDataset, build_pretrain_loader, collate_crops
 from .samplers import ResumableDistributedSampler, derive_seed
@@ -12,6 +13,7 @@ __all__ = [
     "PretrainLoader",
     "ResumableDistributedSampler",
     "SeededSampleDataset",
+    "UnreadableImageError",
     "build_augmentation",
     "build_dataset",
     "build_eval_transform",

@@ -3,7 +3,9 @@
 Every dataset yields ``(transform(image), label)`` with ``image`` an RGB ``PIL.Image`` and ``label`` an
 int (-1 where there is none). Files are read through iopath's ``g_pathmgr``, so ``root`` may be a local
 path or any URI a registered iopath handler understands. Construction checks that the data exist and
-raises ``ValueError`` naming ``root`` otherwise; nothing is ever downloaded.
+raises ``ValueError`` naming ``root`` otherwise; nothing is ever downloaded. Files are opened only when
+read: one that cannot be read then raises :class:`UnreadableImageError` (the pretraining loader skips
+or stops on it, see ``DATALOADER.STRICT``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from typing import Callable
 
 import numpy as np
 from iopath.common.file_io import g_pathmgr
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..config import configurable
 from .build import DATASET_REGISTRY
 
-__all__ = ["IMAGE_EXTENSIONS", "FileList", "ImageFolder", "Synthetic", "load_image", "to_rgb"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FileList",
+    "ImageFolder",
+    "Synthetic",
+    "UnreadableImageError",
+    "load_image",
+    "to_rgb",
+]
 
 # File extensions taken as images (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -52,15 +62,54 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class UnreadableImageError(OSError):
+    """An image file that cannot be opened, decoded or converted to RGB (missing, truncated, not an
+    image, over Pillow's decompression-bomb limit...). Message: ``cannot read image {path!r}: {reason}``,
+    followed by ``hint`` when one is given.
+
+    An ``OSError``, so code that caught ``load_image``'s ``OSError`` before still catches it.
+
+    Attributes:
+        path (str): the file, as given to :func:`load_image`.
+        reason (str): what failed, e.g. ``"OSError: image file is truncated (150 bytes not processed)"``.
+        hint (str): what to do about it ("" when none); not part of ``reason``.
+    """
+
+    def __init__(self, path: str, reason: str, hint: str = ""):
+        message = f"cannot read image {path!r}: {reason}"
+        super().__init__(f"{message}. {hint}" if hint else message)
+        self.path, self.reason, self.hint = path, reason, hint
+
+    def __reduce__(self):  # OSError pickles its message alone; rebuild from the fields instead
+        return type(self), (self.path, self.reason, self.hint)
+
+
 def load_image(path: str) -> Image.Image:
-    """Read the image at ``path`` (local or iopath URI), fully decoded, as RGB."""
+    """Read the image at ``path`` (local or iopath URI), fully decoded, as RGB (see :func:`to_rgb`).
+
+    Raises:
+        UnreadableImageError: naming ``path``, for any failure to open, decode or convert the file.
+    """
     try:
         with g_pathmgr.open(path, "rb") as f:
             image = Image.open(f)
             image.load()  # decode while the file is open: PIL reads lazily
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image {path!r}: {e}") from e
-    return to_rgb(image)
+        return to_rgb(image)
+    except Image.DecompressionBombError as e:  # not an OSError: raised by Image.open before decoding
+        raise UnreadableImageError(
+            path,
+            f"DecompressionBombError: {e} Pillow refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS "
+            f"(= 2 x {Image.MAX_IMAGE_PIXELS}) pixels; raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine",
+        ) from e
+    except UnidentifiedImageError as e:  # Pillow's message only repeats the path (as a file object)
+        raise UnreadableImageError(
+            path, "UnidentifiedImageError: Pillow cannot identify it as an image (empty, not an image, corrupt header?)"
+        ) from e
+    except Exception as e:
+        # Pillow signals broken files with many types besides OSError: SyntaxError (PNG chunks),
+        # ValueError (short headers), EOFError, struct.error, MemoryError... Exception, not
+        # BaseException: KeyboardInterrupt and SystemExit pass.
+        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
 
 
 def _is_image_name(name: str) -> bool:
@@ -161,7 +210,8 @@ class FileList(Dataset):
     ``PATH`` is absolute (or an iopath URI) or relative to the list file's folder, and contains no
     whitespace; ``LABEL`` is an integer >= -1, -1 (the default) meaning unlabeled. Blank lines and
     ``#`` comments (a ``#`` at the start of a line or after whitespace) are ignored. Files are not
-    opened at construction, so a listed path that is missing fails when read, naming the line.
+    opened at construction, so a listed path that is missing or broken fails when read: an
+    :class:`UnreadableImageError` whose ``reason`` names the list file and line.
 
     Attributes:
         samples (list[tuple[str, int]]): ``(resolved path, label)``, in file order.
@@ -218,8 +268,9 @@ class FileList(Dataset):
         path, label = self.samples[index]
         try:
             image = load_image(path)
-        except OSError as e:
-            raise OSError(f"{e} (listed at {self.list_file}:{self._line_numbers[index]})") from e
+        except UnreadableImageError as e:
+            where = f"listed at {self.list_file}:{self._line_numbers[index]}"
+            raise UnreadableImageError(e.path, f"{e.reason} ({where})") from e
         return (self.transform(image) if self.transform is not None else image), label
 
     def __repr__(self) -> str:

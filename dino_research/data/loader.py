@@ -9,6 +9,13 @@ Two things make a run killed at batch ``k`` and resumed there bitwise identical 
    seeds ``random``, ``numpy.random`` and torch's CPU generator from them right before the transform,
    so it does not matter which worker draws the sample, or what that worker drew before.
 
+Unreadable image files (:class:`~dino_research.data.datasets.UnreadableImageError`) do not kill a worker.
+By default (``DATALOADER.STRICT False``) item ``(epoch, index)`` whose file is unreadable is replaced by
+the next readable index, read under the same per-sample seed, so batches stay a pure function of
+``(seed, epoch, index)``. The skipped files travel with the batch from the worker to the main process,
+which logs each one and hands them to the trainer through :meth:`PretrainLoader.take_skipped`. With
+``DATALOADER.STRICT True`` the first unreadable file stops iteration with an error naming it.
+
 Nothing here draws from the trainer's global generators (stochastic depth draws from torch's), so a
 resumed run that restores them continues their stream exactly: the per-sample seeding restores the
 states it changes, and the ``DataLoader`` draws its worker base seed from a private generator.
@@ -17,6 +24,7 @@ states it changes, and the ``DataLoader`` draws its worker base seed from a priv
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import random
 from typing import Iterator, Sequence
@@ -26,9 +34,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from ..config import configurable
+from .datasets import UnreadableImageError
 from .samplers import ResumableDistributedSampler, derive_seed
 
-__all__ = ["PretrainLoader", "SeededSampleDataset", "build_pretrain_loader", "collate_crops"]
+__all__ = ["PretrainLoader", "SeededSampleDataset", "build_pretrain_loader", "collate_crops", "collate_samples"]
 
 # Stream tags: the per-sample, per-worker and DataLoader seeds never coincide with each other or
 # with the sampler's epoch-order seed, even for equal (seed, epoch, index) numbers.
@@ -36,6 +45,17 @@ _SAMPLE_STREAM = 0x53414D50  # "SAMP"
 _WORKER_STREAM = 0x574F524B  # "WORK"
 _LOADER_STREAM = 0x4C4F4144  # "LOAD"
 _MASK32 = 0xFFFFFFFF
+
+# Consecutive unreadable candidates (the requested index included) after which a read gives up: a few
+# bad files are noise, a run this long means a wrong root, unmounted storage or files of another format.
+MAX_CONSECUTIVE_UNREADABLE = 32
+
+_STRICT_HINT = (
+    "DATALOADER.STRICT is True, which stops at the first unreadable image; set DATALOADER.STRICT False "
+    "to skip such files (each is replaced by another sample, logged and counted)"
+)
+
+logger = logging.getLogger("dino_research")
 
 
 def seed_global_generators(seed: int) -> None:
@@ -48,7 +68,8 @@ def seed_global_generators(seed: int) -> None:
 
 
 class SeededSampleDataset(Dataset):
-    """``dataset`` whose item ``(epoch, index)`` is ``dataset[index]`` computed under a fixed seed.
+    """``dataset`` whose item ``(epoch, index)`` is ``(sample, label, skipped)``: ``dataset[index]``
+    computed under a fixed seed, and the ``(path, reason)`` pairs of the unreadable files it replaced.
 
     Before reading item ``index`` of epoch ``epoch`` the global generators that augmentations draw from
     (Python ``random``, ``numpy.random``, torch's CPU generator) are seeded with
@@ -62,12 +83,23 @@ class SeededSampleDataset(Dataset):
     ~85 us to save and restore, is not. Seeding and restoring cost ~30 us per sample in a worker and
     ~120-170 us in the main process, against ~20 ms for the paper's multi-crop augmentation.
 
-    A plain integer ``index`` means ``(0, index)``.
+    Unreadable files: when ``dataset[index]`` raises :class:`UnreadableImageError` and ``strict`` is
+    False, ``index + 1``, ``index + 2``, ... (mod ``len``) are read instead, each under the seed of
+    ``(epoch, index)``, until one succeeds: the replacement is still a pure function of ``(seed, epoch,
+    index)``, and its crops differ from those of the replacing index's own item. ``skipped`` is then
+    ``((path, reason),)`` of the file of ``index``, else ``()``; a file passed over while looking for a
+    replacement is reported when its own index is read, so over an epoch reading every index each
+    unreadable file is reported once. After ``MAX_CONSECUTIVE_UNREADABLE`` unreadable candidates (or the
+    whole dataset, if smaller) a ``RuntimeError`` says the dataset looks broken. With ``strict`` the
+    first ``UnreadableImageError`` propagates, its message saying how to skip instead.
+
+    A plain integer ``index`` means ``(0, index)``. ``dataset[i]`` must be a ``(sample, label)`` pair.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0):
+    def __init__(self, dataset: Dataset, seed: int = 0, *, strict: bool = False):
         self.dataset = dataset
         self.seed = operator.index(seed)
+        self.strict = bool(strict)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -85,16 +117,44 @@ class SeededSampleDataset(Dataset):
         python_state, torch_state = random.getstate(), torch.default_generator.get_state()
         numpy_state = np.random.get_state() if get_worker_info() is None else None
         try:
-            seed_global_generators(self.sample_seed(epoch, index))
-            return self.dataset[index]
+            return self._read(epoch, index)
         finally:
             random.setstate(python_state)
             torch.default_generator.set_state(torch_state)
             if numpy_state is not None:
                 np.random.set_state(numpy_state)
 
+    def _read(self, epoch: int, index: int) -> tuple:
+        """``(sample, label, skipped)`` of ``(epoch, index)``; the caller saves and restores the states."""
+        seed = self.sample_seed(epoch, index)
+        if self.strict:
+            seed_global_generators(seed)
+            try:
+                sample, label = self.dataset[index]
+            except UnreadableImageError as e:
+                raise UnreadableImageError(e.path, e.reason, _STRICT_HINT) from e
+            return sample, label, ()
+        size = len(self.dataset)
+        failures = []
+        for offset in range(min(MAX_CONSECUTIVE_UNREADABLE, size)):
+            # Reseed before every candidate: a failed read may have drawn (a transform that fails
+            # midway), and the result must not depend on how many candidates failed before.
+            seed_global_generators(seed)
+            try:
+                sample, label = self.dataset[(index + offset) % size]
+            except UnreadableImageError as e:
+                failures.append((e.path, e.reason))
+                continue
+            return sample, label, tuple(failures[:1])
+        named = "; ".join(f"{path} ({reason})" for path, reason in failures[:3])
+        raise RuntimeError(
+            f"SeededSampleDataset: the {len(failures)} consecutive images from index {index} on are all "
+            f"unreadable, e.g. {named}; the dataset looks broken (wrong root, unmounted or partly copied "
+            f"storage, files of another format?). Fix the data; skipping is meant for rare bad files."
+        )
+
     def __repr__(self) -> str:
-        return f"SeededSampleDataset({self.dataset!r}, seed={self.seed})"
+        return f"SeededSampleDataset({self.dataset!r}, seed={self.seed}, strict={self.strict})"
 
 
 def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -122,6 +182,24 @@ def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[
     return crops, labels
 
 
+def _collate_with_skipped(batch: Sequence[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:
+    """``[(crops, label, skipped), ...]`` (:class:`SeededSampleDataset` items) -> ``(crops, labels,
+    skipped)``: :func:`collate_crops` of the samples, and all their ``(path, reason)`` pairs in order.
+    Runs in the worker: the skipped files reach the main process inside the batch."""
+    crops, labels = collate_crops([(sample, label) for sample, label, _ in batch])
+    return crops, labels, [pair for *_, skipped in batch for pair in skipped]
+
+
+def collate_samples(batch: Sequence[tuple]) -> tuple:
+    """``[(sample, label, skipped), ...]`` (:class:`SeededSampleDataset` items) -> ``default_collate`` of the
+    ``(sample, label)`` pairs, for loaders other than :class:`PretrainLoader` (e.g. the linear probe).
+    Skipped unreadable files are logged where the batch is collated (a worker inherits the log set-up)."""
+    for *_, skipped in batch:
+        for path, reason in skipped:
+            logger.warning("skipped unreadable image %s (%s); replaced by another sample", path, reason)
+    return default_collate([(sample, label) for sample, label, _ in batch])
+
+
 def _init_worker(worker_id: int, *, seed: int, rank: int) -> None:
     """Seed a worker from ``(seed, rank, worker_id)``. A fallback only: every sample is read under its
     own seed by :class:`SeededSampleDataset`; this makes whatever draws outside it (e.g. a collate
@@ -146,6 +224,12 @@ class PretrainLoader:
     time: calling :meth:`iterate` again invalidates earlier iterators (advancing one raises). Abandoning
     an iterator mid-epoch is safe; :meth:`close` stops the workers.
 
+    Unreadable image files are skipped (each replaced by another sample, deterministically; see
+    :class:`SeededSampleDataset`), logged as a warning and returned by :meth:`take_skipped`; with
+    ``strict`` the first one stops iteration. Its error names the file: an ``UnreadableImageError``
+    when read in this process, the ``RuntimeError`` the ``DataLoader`` re-raises (holding the worker's
+    traceback and message) when read in a worker.
+
     Args:
         dataset: items ``(list of crop tensors (3, h, w), label)``; see ``DATASET_REGISTRY``.
         batch_size: samples per batch on this rank (``SOLVER.BATCH_SIZE_PER_GPU``).
@@ -155,6 +239,7 @@ class PretrainLoader:
         batches_per_epoch: cap on batches per epoch (None: as many full batches as the share holds).
         pin_memory: pin batches in page-locked memory (for asynchronous copies to a GPU).
         persistent_workers: keep workers alive between epochs (ignored when ``num_workers == 0``).
+        strict: stop at the first unreadable image instead of skipping it (``DATALOADER.STRICT``).
     """
 
     @configurable
@@ -170,6 +255,7 @@ class PretrainLoader:
         batches_per_epoch: int | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        strict: bool = False,
     ):
         batch_size, num_workers = operator.index(batch_size), operator.index(num_workers)
         if batch_size < 1 or num_workers < 0:
@@ -195,17 +281,18 @@ class PretrainLoader:
         self.rank = rank
         self.seed = operator.index(seed)
         self.num_workers = num_workers
+        self.strict = bool(strict)
         # The DataLoader draws a base seed for its workers from `generator` each time an iterator is
         # created; the default (torch's global generator) would shift the trainer's random stream by one
         # draw at every epoch start and at a resume, breaking bitwise equality of resumed runs.
         generator = torch.Generator()
         generator.manual_seed(derive_seed(_LOADER_STREAM, self.seed, rank))
         self.loader = DataLoader(
-            SeededSampleDataset(dataset, self.seed),
+            SeededSampleDataset(dataset, self.seed, strict=self.strict),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate_crops,
+            collate_fn=_collate_with_skipped,
             pin_memory=pin_memory,
             drop_last=True,
             worker_init_fn=functools.partial(_init_worker, seed=self.seed, rank=rank),
@@ -213,6 +300,7 @@ class PretrainLoader:
             generator=generator,
         )
         self._generation = 0  # bumped by iterate() and close(); an iterator of an older one is stale
+        self._skipped: list[tuple[str, str]] = []  # of yielded batches, until take_skipped()
 
     @classmethod
     def from_config(cls, cfg, dataset, *, rank: int, world_size: int, batches_per_epoch: int | None = None) -> dict:
@@ -225,6 +313,7 @@ class PretrainLoader:
             "num_workers": cfg.DATALOADER.NUM_WORKERS,
             "batches_per_epoch": batches_per_epoch,
             "pin_memory": torch.cuda.is_available(),
+            "strict": cfg.DATALOADER.STRICT,
         }
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -246,8 +335,14 @@ class PretrainLoader:
                 epoch, start=position * self.batch_size, stop=self.batches_per_epoch * self.batch_size
             )
             expected, produced = self.batches_per_epoch - position, 0
-            for batch in self.loader:
-                yield batch
+            for crops, labels, skipped in self.loader:
+                for path, reason in skipped:
+                    logger.warning(
+                        "skipped unreadable image %s (%s); replaced by another sample. "
+                        "DATALOADER.STRICT True stops instead", path, reason,
+                    )
+                self._skipped.extend(skipped)  # before yielding: the caller may ask right after
+                yield crops, labels
                 if generation != self._generation:
                     raise RuntimeError(
                         "PretrainLoader: this iterator was superseded by a later iterate() or close(); "
@@ -257,6 +352,13 @@ class PretrainLoader:
             if produced != expected:  # an invariant of the sampler's stop; never silently shift batches
                 raise RuntimeError(f"PretrainLoader: epoch {epoch} gave {produced} batches, expected {expected}")
             epoch, position = epoch + 1, 0
+
+    def take_skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of the unreadable files replaced in the batches yielded since the previous
+        call (in order; a file appears once per read), then forgets them. Call it once per batch: the
+        list grows until taken. Always empty when ``strict``."""
+        skipped, self._skipped = self._skipped, []
+        return skipped
 
     def close(self) -> None:
         """Stop the persistent workers (if any) and invalidate open iterators. ``iterate`` still works
@@ -273,7 +375,7 @@ class PretrainLoader:
         return (
             f"PretrainLoader(images={len(self.dataset)}, batch_size={self.batch_size}, rank={self.rank}/"
             f"{self.world_size}, batches_per_epoch={self.batches_per_epoch}, num_workers={self.num_workers}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}, strict={self.strict})"
         )
 
 
@@ -282,8 +384,8 @@ def build_pretrain_loader(
 ) -> PretrainLoader:
     """The :class:`PretrainLoader` of ``dataset`` for ``rank`` of ``world_size``.
 
-    Reads ``SOLVER.BATCH_SIZE_PER_GPU``, ``DATALOADER.NUM_WORKERS`` and ``SEED``; pins memory when CUDA
-    is available. Does not build the dataset or the augmentation (see ``build_dataset``).
+    Reads ``SOLVER.BATCH_SIZE_PER_GPU``, ``DATALOADER.NUM_WORKERS``, ``DATALOADER.STRICT`` and ``SEED``;
+    pins memory when CUDA is available. Does not build the dataset or the augmentation (see ``build_dataset``).
     """
     loader = PretrainLoader(cfg, dataset, rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch)
     assert loader.batches_per_epoch >= 1

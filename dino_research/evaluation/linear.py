@@ -39,7 +39,7 @@ from torchvision import transforms as T
 from ..checkpoint import atomic_save, load_file
 from ..data import build_dataset, build_eval_transform
 from ..data.datasets import SYNTHETIC_NUM_CLASSES, Synthetic, to_rgb
-from ..data.loader import SeededSampleDataset
+from ..data.loader import SeededSampleDataset, collate_samples
 from ..data.samplers import ResumableDistributedSampler, derive_seed
 from ..solver.build import LR_REFERENCE_BATCH
 from ..solver.schedules import StepSchedule, cosine
@@ -209,7 +209,7 @@ def _build_train_loader(train_set: Dataset, batch_size: int, seed: int, num_work
     generator = torch.Generator()
     generator.manual_seed(derive_seed(_LOADER_STREAM, seed, rank))
     loader = DataLoader(SeededSampleDataset(train_set, seed), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, drop_last=True, generator=generator,
+                        num_workers=num_workers, drop_last=True, generator=generator, collate_fn=collate_samples,
                         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0)
     return sampler, loader
 
