@@ -192,6 +192,10 @@ _C.SOLVER.ACCUMULATE_STEPS = 1
 _C.SOLVER.CHECKPOINT_PERIOD = 1000
 # Keep a numbered snapshot checkpoint_EEEE.pth every this many epochs (0: none; reference: 20).
 _C.SOLVER.SNAPSHOT_EPOCHS = 20
+# Optimizer steps with a NaN/inf loss or gradient that are skipped (no weight, teacher or center
+# update; counted as nonfinite_skipped in metrics) before the run stops. 0: stop at the first, as
+# the reference does. A few skips can ride out a rare bad batch; a diverging run still stops.
+_C.SOLVER.SKIP_NONFINITE = 0
 
 _C.SOLVER.AMP = CN()
 # Mixed precision for the forward pass (paper: on, float16). Off on a CPU unless DTYPE is bfloat16.

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from ..config import CfgNode, get_cfg
+from ..config import CfgNode, check_config, get_cfg
 from ..utils import comm
 from ..utils.logger import setup_logger
 from ..utils.slurm import add_slurm_arguments
@@ -50,11 +50,17 @@ def eval_argument_parser(description: str = "dino_research evaluation") -> argpa
 
 
 def load_config(config_file: str, opts: list) -> CfgNode:
-    """Defaults, then ``config_file``, then ``opts``; frozen."""
+    """Defaults, then ``config_file``, then ``opts``; checked, then frozen.
+
+    Raises :class:`~dino_research.config.ConfigError` on an unknown key or a wrong type (while
+    merging) and on every value no run can use (:func:`~dino_research.config.check_config`, all
+    problems in one message), before anything is built or written.
+    """
     cfg = get_cfg()
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    check_config(cfg)
     cfg.freeze()
     return cfg
 
