@@ -2,6 +2,7 @@
 
 from .checkpointer import (
     LAST_CHECKPOINT,
+    SNAPSHOT_PATTERN,
     TEACHER_BACKBONE,
     CheckpointError,
     Checkpointer,
@@ -14,9 +15,12 @@ from .checkpointer import (
     restore_rng_state,
     strip_prefixes,
 )
+from .integrity import INTEGRITY_KEY, integrity_problem, tensor_checksum, with_integrity
 
 __all__ = [
+    "INTEGRITY_KEY",
     "LAST_CHECKPOINT",
+    "SNAPSHOT_PATTERN",
     "TEACHER_BACKBONE",
     "CheckpointError",
     "Checkpointer",
@@ -27,5 +31,8 @@ __all__ = [
     "load_file",
     "load_pretrained",
     "restore_rng_state",
+    "integrity_problem",
     "strip_prefixes",
+    "tensor_checksum",
+    "with_integrity",
 ]

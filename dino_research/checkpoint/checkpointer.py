@@ -8,31 +8,40 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import pickle
 import random
+import re
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .integrity import integrity_problem, with_integrity
+
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint.pth"
 TEACHER_BACKBONE = "teacher_backbone.pth"
+# Numbered snapshots written every SOLVER.SNAPSHOT_EPOCHS: checkpoint_EEEE.pth (EEEE = epochs done).
+SNAPSHOT_PATTERN = re.compile(r"checkpoint_(\d+)\.pth$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
 
+_TMP_INFIX = ".tmp."
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}{_TMP_INFIX}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -62,7 +71,7 @@ def load_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} contains pickled Python objects, which are refused because loading them could run "
@@ -72,6 +81,10 @@ def load_file(path: str) -> Any:
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+    problem = integrity_problem(data)
+    if problem:
+        raise CheckpointError(f"{path} is corrupt: {problem}")
+    return data
 
 
 # ------------------------------------------------------------------------------ RNG state
@@ -203,9 +216,10 @@ def export_backbone(backbone: nn.Module, path: str) -> None:
 class Checkpointer:
     """Saves and restores the whole training state of a run in ``output_dir``.
 
-    A checkpoint is ``{"model", "optimizer", "scaler", "iteration", "rng", "config", ...extra}``;
-    ``model`` is the meta-architecture's state (student, teacher, loss center). Only the main
-    process writes; every process reads.
+    A checkpoint is ``{"model", "optimizer", "scaler", "iteration", "rng", "config", ...extra,
+    "integrity"}``; ``model`` is the meta-architecture's state (student, teacher, loss center) and
+    ``integrity`` a checksum of all the rest (see :func:`tensor_checksum`). Only the main process
+    writes; every process reads.
     """
 
     def __init__(self, output_dir: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -217,8 +231,68 @@ class Checkpointer:
     def last_path(self) -> str:
         return os.path.join(self.output_dir, LAST_CHECKPOINT)
 
+    def snapshot_paths(self) -> list[str]:
+        """``checkpoint_EEEE.pth`` files of ``output_dir``, newest (highest EEEE) first."""
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(self.output_dir), "checkpoint_*.pth")):
+            match = SNAPSHOT_PATTERN.search(os.path.basename(path))
+            if match:
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def resume_candidates(self) -> list[str]:
+        """Files a run could resume from, in the order they are tried: last checkpoint, then snapshots."""
+        last = [self.last_path] if os.path.isfile(self.last_path) else []
+        return last + self.snapshot_paths()
+
     def has_checkpoint(self) -> bool:
-        return os.path.isfile(self.last_path)
+        """True when ``output_dir`` holds work to resume (a last checkpoint or a snapshot)."""
+        return bool(self.resume_candidates())
+
+    def find_resumable(self) -> Optional[tuple[str, dict]]:
+        """``(path, checkpoint dict)`` of the newest readable checkpoint of ``output_dir``, or None if it holds none.
+
+        ``last_checkpoint.pth`` is tried first, then the snapshots from the newest. A file that is
+        truncated, corrupt (checksum mismatch) or not a training checkpoint is reported and skipped.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is readable. Never silently start from
+                scratch over existing work: the message lists each file and why it failed.
+        """
+        candidates = self.resume_candidates()
+        failures = []
+        for path in candidates:
+            try:
+                data = load_file(path)
+                if not isinstance(data, dict) or "model" not in data or "iteration" not in data:
+                    raise CheckpointError(f"{path} is not a training checkpoint (no 'model'/'iteration' entry)")
+            except CheckpointError as e:
+                failures.append(str(e))
+                logger.error("cannot resume from %s: %s", path, e)
+                continue
+            if failures:
+                logger.warning("resuming from %s (iteration %d) instead of the unreadable newer checkpoint(s): %s",
+                               path, int(data["iteration"]), "; ".join(failures))
+            return path, data
+        if failures:
+            raise CheckpointError(
+                f"{self.output_dir} holds checkpoints but none is readable:\n  " + "\n  ".join(failures)
+                + f"\nRefusing to start from scratch over existing work. Restore a good copy, or move these files "
+                f"away (or set another OUTPUT_DIR) to start a new run."
+            )
+        return None
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete ``*.pth.tmp.PID`` files left by a write that was killed (main process; call before training)."""
+        if not self.is_main:
+            return []
+        stale = glob.glob(os.path.join(glob.escape(self.output_dir), f"*.pth{_TMP_INFIX}*"))
+        for path in stale:
+            os.remove(path)
+        if stale:
+            logger.warning("removed %d temporary file(s) of an interrupted checkpoint write: %s", len(stale),
+                           ", ".join(os.path.basename(p) for p in stale))
+        return stale
 
     def state(self, **extra) -> dict:
         state = {"model": self.model.state_dict()}
@@ -230,19 +304,23 @@ class Checkpointer:
         return state
 
     def save(self, filename: str, **extra) -> Optional[str]:
-        """Atomically write the state plus ``extra`` to ``output_dir/filename`` (main process only)."""
+        """Atomically write the state plus ``extra`` and a checksum to ``output_dir/filename`` (main process only)."""
         if not self.is_main:
             return None
         path = os.path.join(self.output_dir, filename)
-        atomic_save(self.state(**extra), path)
+        atomic_save(with_integrity(self.state(**extra)), path)
         return path
 
-    def load(self, path: str) -> dict:
-        """Restore model, optimizer and scaler from ``path``; returns the whole checkpoint dict."""
-        data = load_file(path)
+    def restore(self, data: dict) -> None:
+        """Load model, optimizer and scaler states from a checkpoint dict (see :meth:`find_resumable`)."""
         self.model.load_state_dict(data["model"])
         if self.optimizer is not None and "optimizer" in data:
             self.optimizer.load_state_dict(data["optimizer"])
         if self.scaler is not None and "scaler" in data:
             self.scaler.load_state_dict(data["scaler"])
+
+    def load(self, path: str) -> dict:
+        """Restore model, optimizer and scaler from ``path``; returns the whole checkpoint dict."""
+        data = load_file(path)
+        self.restore(data)
         return data

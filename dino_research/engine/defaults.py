@@ -32,6 +32,9 @@ def default_argument_parser(description: str = "dino_research") -> argparse.Argu
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0-based)")
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0, or 'auto' on one machine")
+    parser.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                        help="a collective waiting this long for another process (dead or hung) fails the run "
+                             "instead of hanging; must exceed the slowest checkpoint write (default 30)")
     add_slurm_arguments(parser)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.BASE_LR 0.001 SOLVER.EPOCHS 300")

@@ -82,6 +82,16 @@ class PeriodicWriter(HookBase):
             writer.close()
 
 
+def build_knn_datasets(cfg) -> tuple:
+    """``(memory bank, queries)``: ``TEST.DATASET`` at ``TEST.TRAIN_ROOT`` and ``TEST.VAL_ROOT`` with the
+    eval transform. Raises ``ValueError`` naming the root when one is missing or empty."""
+    from ..data import build_dataset, build_eval_transform
+
+    transform = build_eval_transform(cfg)
+    return tuple(build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
+                 for root, train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False)))
+
+
 class KNNEvalHook(HookBase):
     """Weighted k-NN of the teacher backbone every ``TEST.EVAL_PERIOD`` epochs and at the end.
 
@@ -91,9 +101,9 @@ class KNNEvalHook(HookBase):
     computed once and logged alongside (``knn_pixels/top1_k20``, ...).
     """
 
-    def __init__(self, period_epochs: int):
+    def __init__(self, period_epochs: int, datasets: tuple | None = None):
         self.period = period_epochs
-        self._datasets = None
+        self._datasets = datasets  # (memory bank, queries); built from the config when None
         self._pixel_results = None
 
     def _due(self) -> bool:
@@ -107,14 +117,11 @@ class KNNEvalHook(HookBase):
             self.evaluate()
 
     def evaluate(self) -> dict:
-        from ..data import build_dataset, build_eval_transform
         from ..evaluation import extract_features, knn_classifier_multi_k
 
         t, cfg = self.trainer, self.trainer.cfg
         if self._datasets is None:
-            transform = build_eval_transform(cfg)
-            self._datasets = [build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
-                              for root, train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False))]
+            self._datasets = build_knn_datasets(cfg)
 
         def knn(backbone: nn.Module) -> dict:
             feats = [extract_features(backbone, ds, batch_size=cfg.TEST.BATCH_SIZE, device=t.device,

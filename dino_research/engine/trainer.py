@@ -16,7 +16,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import LAST_CHECKPOINT, Checkpointer, capture_rng_state, load_pretrained, restore_rng_state
+from ..checkpoint import (
+    LAST_CHECKPOINT,
+    CheckpointError,
+    Checkpointer,
+    capture_rng_state,
+    load_file,
+    load_pretrained,
+    restore_rng_state,
+)
+from ..config import check_amp, check_config, check_world_size
 from ..data import build_augmentation, build_dataset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_ema, build_model
@@ -34,7 +43,8 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; raised before the optimizer step, so no state is corrupted."""
+    """The loss or the gradients became NaN or infinite (more often than ``SOLVER.SKIP_NONFINITE``
+    allows); raised before the optimizer step, so neither the weights nor any checkpoint is corrupted."""
 
 
 def amp_settings(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -66,6 +76,9 @@ class DINOTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.world_size, self.rank = comm.get_world_size(), comm.get_rank()
+        check_config(cfg)  # again: a config built by hand did not go through load_config
+        check_amp(cfg, self.device.type)
+        check_world_size(cfg, self.world_size, self.device.type)
         self.amp_enabled, self.amp_dtype = amp_settings(cfg, self.device)
         self.accumulate = cfg.SOLVER.ACCUMULATE_STEPS
         if self.accumulate < 1:
@@ -83,6 +96,8 @@ class DINOTrainer:
             )
         self.loader = build_pretrain_loader(cfg, dataset, rank=self.rank, world_size=self.world_size,
                                             batches_per_epoch=self.iters_per_epoch * self.accumulate)
+        # Built (and so checked) now, not after the first epoch: a wrong TEST root fails at start.
+        self.knn_datasets = hooks_lib.build_knn_datasets(cfg) if cfg.TEST.EVAL_PERIOD > 0 else None
         self.max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
         # Every rank builds the same initial weights, whatever the world size; the per-rank seed
@@ -111,6 +126,9 @@ class DINOTrainer:
                                          is_main=comm.is_main_process())
         self.start_iter = self.iter = 0
         self.last_saved, self._last_saved_iter = None, None
+        # Fault counters, kept across resumes: non-finite steps skipped (SOLVER.SKIP_NONFINITE) and
+        # unreadable images replaced by this rank's loader (DATALOADER.STRICT False).
+        self.nonfinite_skipped, self.skipped_images = 0, 0
         self.hooks: list[hooks_lib.HookBase] = []
         self.register_hooks(self.default_hooks())
         logger.info(
@@ -128,7 +146,7 @@ class DINOTrainer:
         cfg = self.cfg
         out = []
         if cfg.TEST.EVAL_PERIOD > 0:  # before the checkpointer: a resumed run never repeats an eval
-            out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD))
+            out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD, self.knn_datasets))
         out += [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
                 hooks_lib.TeacherExporter()]
         if comm.is_main_process():
@@ -143,11 +161,17 @@ class DINOTrainer:
         self.hooks.extend(hooks)
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """Resume from ``OUTPUT_DIR/last_checkpoint.pth`` when it exists (and ``resume``), else
-        initialize from ``MODEL.WEIGHTS`` if set."""
-        if resume and self.checkpointer.has_checkpoint():
-            path = self.checkpointer.last_path
-            data = self.checkpointer.load(path)
+        """Resume from the newest readable checkpoint of ``OUTPUT_DIR`` (``last_checkpoint.pth``, else the
+        newest snapshot) when there is one and ``resume``; else initialize from ``MODEL.WEIGHTS`` if set.
+
+        Raises:
+            CheckpointError: ``OUTPUT_DIR`` holds checkpoints but none is readable (never silently
+                restarts from scratch over existing work).
+        """
+        found = self._find_resumable() if resume else None
+        if found is not None:
+            path, data = found
+            self.checkpointer.restore(data)
             self.start_iter = int(data["iteration"])
             rng = data.get("rng", [])
             if len(rng) == self.world_size:
@@ -155,6 +179,9 @@ class DINOTrainer:
             else:
                 logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
                                len(rng), self.world_size)
+            self.nonfinite_skipped = int(data.get("nonfinite_skipped", 0))
+            skipped = data.get("skipped_images", [])
+            self.skipped_images = int(skipped[self.rank]) if len(skipped) == self.world_size else 0
             self.last_saved, self._last_saved_iter = path, self.start_iter
             logger.info("resumed from %s at iteration %d (epoch %d)", path, self.start_iter,
                         self.start_iter // self.iters_per_epoch)
@@ -163,20 +190,56 @@ class DINOTrainer:
             logger.info("initialized from %s (%s format)", self.cfg.MODEL.WEIGHTS, found)
         self.iter = self.start_iter
 
+    def _find_resumable(self):
+        """``(path, checkpoint)`` to resume from, or None; the main process decides for every rank."""
+        choice, data = {"path": None}, None
+        if comm.is_main_process():
+            self.checkpointer.remove_stale_temporaries()
+            try:
+                found = self.checkpointer.find_resumable()
+                if found is not None:
+                    choice["path"], data = found
+            except CheckpointError as e:
+                choice = {"error": str(e)}
+        if self.world_size > 1:  # one decision, so that no rank resumes elsewhere or waits forever
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        if "error" in choice:
+            raise CheckpointError(choice["error"])
+        if choice["path"] is None:
+            return None
+        return choice["path"], data if data is not None else load_file(choice["path"])
+
     def save_checkpoint(self, filename: str, next_iter: int) -> None:
-        """Write the full training state; collective (every rank contributes its RNG state)."""
-        rng = capture_rng_state()
+        """Write the full training state; collective (every rank contributes its RNG state).
+
+        Raises:
+            NonFiniteLossError: a weight or buffer is NaN/inf; the previous checkpoint is kept.
+        """
+        if not self._state_is_finite():
+            raise NonFiniteLossError(
+                f"non-finite weights after iteration {next_iter - 1}: {filename} not written, so the last good "
+                f"checkpoint stays {self.last_saved or 'none written yet'}"
+            )
+        rank_state = (capture_rng_state(), self.skipped_images)
         if self.world_size > 1:
             gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
+            dist.all_gather_object(gathered, rank_state)
         else:
-            rng = [rng]
-        path = self.checkpointer.save(filename, iteration=next_iter, rng=rng, config=self.cfg.dump(),
+            gathered = [rank_state]
+        path = self.checkpointer.save(filename, iteration=next_iter, rng=[g[0] for g in gathered],
+                                      skipped_images=[g[1] for g in gathered],
+                                      nonfinite_skipped=self.nonfinite_skipped, config=self.cfg.dump(),
                                       iters_per_epoch=self.iters_per_epoch)
         if filename == LAST_CHECKPOINT:
             self.last_saved, self._last_saved_iter = self.checkpointer.last_path, next_iter
         comm.synchronize()
+
+    @torch.no_grad()
+    def _state_is_finite(self) -> bool:
+        flags = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True  # one device sync, at checkpoint time only
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -192,6 +255,15 @@ class DINOTrainer:
                     for hook in self.hooks:
                         hook.after_step()
                     self._stop_if_requested()
+            except (TrainingStopped, NonFiniteLossError):
+                raise  # explained where raised
+            except Exception as e:
+                if self.world_size > 1:  # a collective error names no culprit: say where to look
+                    logger.error("rank %d of %d failed at iteration %d: %s: %s. If another process of the job died "
+                                 "or hung (--dist-timeout), its own log says why. Last checkpoint: %s; run the same "
+                                 "command to resume from it.", self.rank, self.world_size, self.iter,
+                                 type(e).__name__, str(e).splitlines()[0] if str(e) else "", self.last_saved)
+                raise
             finally:
                 self._close_data()  # release data-loader workers even when the step raised
                 for hook in self.hooks:  # flush writers also when stopped or failed
@@ -226,12 +298,15 @@ class DINOTrainer:
         apply_schedules(self.optimizer, lr, wd)
 
         self.optimizer.zero_grad(set_to_none=True)
-        teacher_outs, loss_sum, data_time = [], 0.0, 0.0
+        teacher_outs, loss_sum, data_time, fault = [], 0.0, 0.0, None
         for micro in range(self.accumulate):
             data_start = time.perf_counter()
             crops, _ = next(self._data)
-            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            self.skipped_images += len(self.loader.take_skipped())  # each one is logged by the loader
             data_time += time.perf_counter() - data_start
+            if fault is not None:  # read the step's remaining micro-batches: the data stream stays aligned
+                continue
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
             # Gradients are all-reduced on the last micro-batch only.
             sync = (self.ddp_model.no_sync() if self.world_size > 1 and micro < self.accumulate - 1
                     else contextlib.nullcontext())
@@ -240,23 +315,25 @@ class DINOTrainer:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
                     out = self.ddp_model(crops, teacher_temp=teacher_temp)
                 loss = out["loss"]
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping before the optimizer "
-                        f"step. Last good checkpoint: {self.last_saved or 'none written yet'} (intact). Usual "
-                        f"fixes: SOLVER.AMP.ENABLED False, a lower SOLVER.BASE_LR, a higher "
-                        f"MODEL.TEACHER.MOMENTUM, a lower SOLVER.CLIP_GRAD."
-                    )
+                # Every rank takes the same decision, before any collective of the backward pass.
+                loss_value = loss.item()
+                if not self._finite_on_all_ranks(loss_value):
+                    fault = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is non-finite on another rank"
+                    continue
                 # 3. Backward (scaled for float16; averaged over micro-batches).
                 self.scaler.scale(loss / self.accumulate).backward()
             teacher_outs.append(out["teacher_out"])
-            loss_sum += loss.item()
+            loss_sum += loss_value
             del out, loss
 
         # 4. Per-parameter gradient clipping, on unscaled gradients.
-        if cfg.SOLVER.CLIP_GRAD > 0:
-            self.scaler.unscale_(self.optimizer)
-            clip_grad_per_param_(self.trainable_params, cfg.SOLVER.CLIP_GRAD)
+        if fault is None:
+            fault = self._clip_and_check_gradients()
+        if fault is not None:
+            self._skip_nonfinite_step(fault, it, epoch)  # raises past SOLVER.SKIP_NONFINITE
+            self.storage.put_scalars(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, data_time=data_time)
+            self._put_fault_counters()
+            return
         # 5. The prototype layer stays fixed during the first epochs (helps early training).
         if epoch < cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS:
             for p in self.last_layer_params:
@@ -277,6 +354,65 @@ class DINOTrainer:
             data_time=data_time, time=step_time,
         )
         self.storage.put_scalar("images/s", total_batch_size(cfg, self.world_size) / step_time)
+        self._put_fault_counters()
+
+    # ------------------------------------------------------------------ faults
+    def _put_fault_counters(self) -> None:
+        """Run totals: non-finite steps skipped, and unreadable images skipped by all ranks (summed at
+        log periods only: a collective)."""
+        self.storage.put_scalar("nonfinite_skipped", self.nonfinite_skipped, smoothing_hint=False)
+        if (self.iter + 1) % self.cfg.LOG_PERIOD == 0 or self.iter + 1 == self.max_iter:
+            total = self.skipped_images
+            if self.world_size > 1:
+                flag = torch.tensor([total], device=self.device)
+                dist.all_reduce(flag)
+                total = int(flag.item())
+            self.storage.put_scalar("skipped_images", total, smoothing_hint=False)
+
+    def _finite_on_all_ranks(self, value: float) -> bool:
+        finite = math.isfinite(value)
+        if self.world_size > 1:
+            flag = torch.tensor([int(finite)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        return finite
+
+    def _clip_and_check_gradients(self) -> str | None:
+        """Clip each gradient to ``SOLVER.CLIP_GRAD`` (after unscaling); a description if any is NaN/inf.
+
+        Gradients are identical on every rank after DDP's all-reduce, so the answer is too. With a
+        float16 GradScaler an overflow is normal (the scaler skips the step and lowers its scale), so
+        gradients are then left to the scaler.
+        """
+        if self.cfg.SOLVER.CLIP_GRAD > 0:
+            self.scaler.unscale_(self.optimizer)
+            norms = clip_grad_per_param_(self.trainable_params, self.cfg.SOLVER.CLIP_GRAD)
+        elif not self.scaler.is_enabled():
+            grads = [p.grad for p in self.trainable_params if p.grad is not None]
+            norms = torch.stack(torch._foreach_norm(grads)) if grads else None
+        else:
+            norms = None
+        if norms is None or self.scaler.is_enabled():
+            return None
+        bad = int((~torch.isfinite(norms)).sum())
+        return f"{bad} of {norms.numel()} gradients are non-finite" if bad else None
+
+    def _skip_nonfinite_step(self, fault: str, it: int, epoch: int) -> None:
+        """Count a non-finite step and skip it (no optimizer step, EMA or center update), or raise
+        :class:`NonFiniteLossError` once more than ``SOLVER.SKIP_NONFINITE`` steps were bad."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        allowed = self.cfg.SOLVER.SKIP_NONFINITE
+        if self.nonfinite_skipped > allowed:
+            raise NonFiniteLossError(
+                f"{fault} at iteration {it} (epoch {epoch}); stopping before the optimizer step "
+                f"({self.nonfinite_skipped} non-finite step(s), SOLVER.SKIP_NONFINITE {allowed}). Last good "
+                f"checkpoint: {self.last_saved or 'none written yet'} (intact). Usual fixes: "
+                f"SOLVER.AMP.ENABLED False, a lower SOLVER.BASE_LR, a higher MODEL.TEACHER.MOMENTUM, a lower "
+                f"SOLVER.CLIP_GRAD; or SOLVER.SKIP_NONFINITE N to skip up to N such steps."
+            )
+        logger.warning("%s at iteration %d (epoch %d): step skipped, weights unchanged (%d of SOLVER.SKIP_NONFINITE "
+                       "%d)", fault, it, epoch, self.nonfinite_skipped, allowed)
 
     @torch.no_grad()
     def _put_health_metrics(self, teacher_out: torch.Tensor, teacher_temp: float, loss: float) -> None:

@@ -15,6 +15,7 @@ Each run keeps ``OUTPUT_DIR/job_status.json`` (``state``: running, done, failed,
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import logging
@@ -145,7 +146,7 @@ class SlurmJob:
         if env.global_rank == 0:
             write_status(self.output_dir, state="running", job_id=str(env.job_id), error="")
         try:
-            launch(self.main, args=(self.args,))
+            launch(self.main, args=(self.args,), timeout=dist_timeout(self.args))
         except BaseException as e:  # a real error: recorded, never requeued
             if env.global_rank == 0:
                 write_status(self.output_dir, state="failed", error=f"{type(e).__name__}: {e}"[:2000])
@@ -257,10 +258,27 @@ def wait_for(job_ids: list[str], timeout_s: float = 600.0, poll_s: float = 2.0) 
 
 
 def main_or_submit(main: Callable, args: argparse.Namespace, launch_kwargs: Optional[dict] = None) -> None:
-    """Entry point of every tool: submit when asked, else run locally through ``launch``."""
+    """Entry point of every tool: submit when asked, else run locally through ``launch``.
+
+    The config (``--config`` and overrides) is checked first, in this process: a bad key or value
+    exits with its message before any job is submitted or any worker is spawned.
+    """
+    from ..config import ConfigError
+    from ..engine.defaults import load_config
     from ..engine.launch import launch
 
+    if hasattr(args, "config_file") and hasattr(args, "opts"):
+        try:
+            load_config(args.config_file, args.opts)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
     if submit_if_requested(args, main):
         return
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), **(launch_kwargs or {}))
+           dist_url=args.dist_url, args=(args,), timeout=dist_timeout(args), **(launch_kwargs or {}))
+
+
+def dist_timeout(args: argparse.Namespace) -> datetime.timedelta:
+    """The process-group timeout of ``--dist-timeout`` (minutes; 30 when the tool's parser lacks it)."""
+    minutes = getattr(args, "dist_timeout", None)
+    return datetime.timedelta(minutes=30.0 if minutes is None else minutes)
