@@ -35,6 +35,7 @@ from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
+from .health import collapse_indicators, gradient_fault, state_is_finite
 from .preemption import TrainingStopped, stop_requested
 
 logger = logging.getLogger("dino_research")
@@ -217,7 +218,7 @@ class DINOTrainer:
         Raises:
             NonFiniteLossError: a weight or buffer is NaN/inf; the previous checkpoint is kept.
         """
-        if not self._state_is_finite():
+        if not state_is_finite(self.model):
             raise NonFiniteLossError(
                 f"non-finite weights after iteration {next_iter - 1}: {filename} not written, so the last good "
                 f"checkpoint stays {self.last_saved or 'none written yet'}"
@@ -235,11 +236,6 @@ class DINOTrainer:
         if filename == LAST_CHECKPOINT:
             self.last_saved, self._last_saved_iter = self.checkpointer.last_path, next_iter
         comm.synchronize()
-
-    @torch.no_grad()
-    def _state_is_finite(self) -> bool:
-        flags = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
-        return bool(torch.stack(flags).all()) if flags else True  # one device sync, at checkpoint time only
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -378,24 +374,14 @@ class DINOTrainer:
         return finite
 
     def _clip_and_check_gradients(self) -> str | None:
-        """Clip each gradient to ``SOLVER.CLIP_GRAD`` (after unscaling); a description if any is NaN/inf.
-
-        Gradients are identical on every rank after DDP's all-reduce, so the answer is too. With a
-        float16 GradScaler an overflow is normal (the scaler skips the step and lowers its scale), so
-        gradients are then left to the scaler.
-        """
+        """Clip each gradient to ``SOLVER.CLIP_GRAD`` (after unscaling); a description if any is NaN/inf."""
         if self.cfg.SOLVER.CLIP_GRAD > 0:
             self.scaler.unscale_(self.optimizer)
             norms = clip_grad_per_param_(self.trainable_params, self.cfg.SOLVER.CLIP_GRAD)
-        elif not self.scaler.is_enabled():
-            grads = [p.grad for p in self.trainable_params if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads)) if grads else None
         else:
             norms = None
-        if norms is None or self.scaler.is_enabled():
-            return None
-        bad = int((~torch.isfinite(norms)).sum())
-        return f"{bad} of {norms.numel()} gradients are non-finite" if bad else None
+        # A float16 GradScaler handles overflows itself (skips the step, lowers its scale).
+        return None if self.scaler.is_enabled() else gradient_fault(self.trainable_params, norms)
 
     def _skip_nonfinite_step(self, fault: str, it: int, epoch: int) -> None:
         """Count a non-finite step and skip it (no optimizer step, EMA or center update), or raise
@@ -414,23 +400,6 @@ class DINOTrainer:
         logger.warning("%s at iteration %d (epoch %d): step skipped, weights unchanged (%d of SOLVER.SKIP_NONFINITE "
                        "%d)", fault, it, epoch, self.nonfinite_skipped, allowed)
 
-    @torch.no_grad()
     def _put_health_metrics(self, teacher_out: torch.Tensor, teacher_temp: float, loss: float) -> None:
-        """Teacher entropy, KL(teacher || student) and center norm: DINO's collapse indicators.
-
-        Uniform collapse drives the teacher's entropy to ln K, one-dimension collapse to 0; in both
-        the KL between teacher and student goes to 0. The loss averages the cross-entropy
-        H(q, p) = H(q) + KL(q || p) over pairs, so KL = loss - mean H(q).
-        """
-        probs = self.model.loss.teacher_probs(teacher_out, teacher_temp)
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().item()  # this rank's batch
-        max_entropy = math.log(probs.shape[-1])
-        self.storage.put_scalars(teacher_entropy=entropy, kl_teacher_student=loss - entropy,
-                                 center_norm=self.model.loss.center.norm().item(), smoothing_hint=False)
-        if entropy > 0.95 * max_entropy:
-            logger.warning("teacher entropy %.3f is close to ln K = %.3f: outputs near uniform (collapse?). "
-                           "Lower MODEL.LOSS.TEACHER_TEMP or check the centering.", entropy, max_entropy)
-        elif entropy < 0.01 * max_entropy:
-            logger.warning("teacher entropy %.4f is close to 0: one dimension dominates (collapse?). "
-                           "Centering is not keeping up: lower MODEL.LOSS.CENTER_MOMENTUM or raise "
-                           "MODEL.LOSS.TEACHER_TEMP.", entropy)
+        metrics = collapse_indicators(self.model.loss, teacher_out, teacher_temp, loss)
+        self.storage.put_scalars(**metrics, smoothing_hint=False)

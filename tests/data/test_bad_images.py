@@ -5,7 +5,9 @@ import io
 import logging
 import pickle
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from PIL import Image
 from dino_research.data import UnreadableImageError, build_augmentation, build_pretrain_loader
 from dino_research.data.datasets import FileList, ImageFolder, load_image
 from dino_research.data.loader import MAX_CONSECUTIVE_UNREADABLE, PretrainLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_loader import assert_batches_equal, take  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------- file makers
@@ -107,17 +112,6 @@ def mixed_root(tmp_path_factory):
 
 def multicrop_dataset(make_tiny_cfg, root):
     return ImageFolder(root=str(root), transform=build_augmentation(make_tiny_cfg()))
-
-
-def take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for (crops_x, labels_x), (crops_y, labels_y) in zip(xs, ys):
-        assert torch.equal(labels_x, labels_y)
-        assert all(torch.equal(a, b) for a, b in zip(crops_x, crops_y, strict=True))
 
 
 # ------------------------------------------------------------------------------------- load_image

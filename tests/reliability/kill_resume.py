@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Kill a CPU training run with SIGKILL again and again, resume it each time, and prove nothing was lost.
 
-    python tests/reliability/kill_resume.py [--kills 20] [--in-save 5] [--seed 0] [--workdir DIR]
+    python tests/reliability/kill_resume.py [--kills 20] [--in-save 5] [--epochs 16] [--seed 0] [--workdir DIR]
 
 1. A reference run trains uninterrupted (a tiny ViT on synthetic images, a checkpoint every iteration).
 2. The same command runs again in another folder and is SIGKILLed (the whole process group, data
    workers included) ``--kills`` times: ``--in-save`` of them half-way through a checkpoint write
-   (``faulty_train.py``), the others at a random moment after the trainer is built. After every kill,
+   (``faulty_train.py``), the others at random moments (while the trainer starts, or after 1 or 2 new
+   iterations, plus a random fraction of two iterations). After every kill,
    every ``*.pth`` file on disk must load (``load_file``: readable, checksum intact); then the run is
    started again and resumes by itself.
 3. After the last kill the run finishes; its final model (teacher, student, center) and optimizer state
@@ -35,26 +36,32 @@ from dino_research.checkpoint import LAST_CHECKPOINT, load_file
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-# 16 images, batch 4, 6 epochs: 24 iterations with a checkpoint after each, snapshots every epoch,
+# 16 images, batch 4: 4 iterations per epoch, with a checkpoint after each and a snapshot every epoch,
 # stochastic depth on (so the RNG state must be restored exactly) and one data-loader worker.
 OVERRIDES = [
     "MODEL.BACKBONE.NAME", "vit_tiny", "MODEL.BACKBONE.DROP_PATH_RATE", "0.1",
     "MODEL.HEAD.OUT_DIM", "64", "MODEL.HEAD.HIDDEN_DIM", "32", "MODEL.HEAD.BOTTLENECK_DIM", "16",
     "INPUT.GLOBAL_CROP_SIZE", "32", "INPUT.LOCAL_CROP_SIZE", "16", "INPUT.LOCAL_CROPS_NUMBER", "2",
     "DATASETS.TRAIN", "Synthetic", "DATASETS.SYNTHETIC_SIZE", "16", "DATASETS.SYNTHETIC_IMAGE_SIZE", "40",
-    "SOLVER.BATCH_SIZE_PER_GPU", "4", "SOLVER.EPOCHS", "6", "SOLVER.WARMUP_EPOCHS", "1",
+    "SOLVER.BATCH_SIZE_PER_GPU", "4", "SOLVER.WARMUP_EPOCHS", "1",
     "SOLVER.AMP.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.SNAPSHOT_EPOCHS", "1",
     "DATALOADER.NUM_WORKERS", "1", "LOG_PERIOD", "1",
 ]
 
 
-def _command(out: Path) -> list[str]:
-    return [sys.executable, str(HERE / "faulty_train.py"), *OVERRIDES, "OUTPUT_DIR", str(out)]
+def _command(out: Path, epochs: int) -> list[str]:
+    return [sys.executable, str(HERE / "faulty_train.py"), *OVERRIDES, "SOLVER.EPOCHS", str(epochs),
+            "OUTPUT_DIR", str(out)]
 
 
 def _started_count(out: Path) -> int:
     log = out / "log.txt"
     return log.read_text().count("DINO run:") if log.exists() else 0
+
+
+def _metrics_lines(out: Path) -> list[str]:
+    metrics = out / "metrics.json"
+    return metrics.read_text().splitlines() if metrics.exists() else []
 
 
 def _check_files(out: Path) -> tuple[int, int]:
@@ -70,12 +77,12 @@ def _last_iteration(out: Path) -> int:
     return int(load_file(str(path))["iteration"]) if path.exists() else 0
 
 
-def run(kills: int, in_save: int, seed: int, workdir: Path, log=print) -> dict:
+def run(kills: int, in_save: int, seed: int, workdir: Path, epochs: int = 6, log=print) -> dict:
     """Do the experiment; returns a summary dict. Raises AssertionError on any lost or unreadable state."""
     rng = random.Random(seed)
     reference = workdir / "reference"
     start = time.time()
-    proc = subprocess.Popen(_command(reference), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(reference, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while _started_count(reference) == 0 and proc.poll() is None:
         time.sleep(0.02)
     trained_from = time.time()
@@ -84,6 +91,8 @@ def run(kills: int, in_save: int, seed: int, workdir: Path, log=print) -> dict:
     expected = load_file(str(reference / LAST_CHECKPOINT))
 
     out = workdir / "killed"
+    iterations = int(expected["iteration"])
+    iteration_s = train_s / iterations
     plan = ["save"] * in_save + ["random"] * (kills - in_save)
     rng.shuffle(plan)
     rows = []
@@ -91,15 +100,20 @@ def run(kills: int, in_save: int, seed: int, workdir: Path, log=print) -> dict:
         env = dict(os.environ)
         save_n = rng.randint(1, 3) if kind == "save" else 0
         env["DINO_KILL_IN_SAVE"] = str(save_n)
-        before = _started_count(out)
-        proc = subprocess.Popen(_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        before, lines_before = _started_count(out), len(_metrics_lines(out))
+        proc = subprocess.Popen(_command(out, epochs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        delay = None
+        delay = target = None
         if kind == "random":
-            while _started_count(out) == before and proc.poll() is None:
-                time.sleep(0.02)
-            # Short delays: on average the kills undo only part of the run, so all of them land in it.
-            delay = rng.uniform(0.0, train_s / (kills + 1))
+            # Wait until the restarted run has done `target` new iterations (0: until the trainer is
+            # built, i.e. while it resumes and starts its data worker), then a random fraction of
+            # two iterations more: the kill lands anywhere in a step, a checkpoint write or the
+            # data loading, and the run moves on by about one iteration per kill.
+            target = rng.randrange(0, 3)
+            while proc.poll() is None and (_started_count(out) == before if target == 0
+                                           else len(_metrics_lines(out)) - lines_before < target):
+                time.sleep(0.01)
+            delay = rng.uniform(0.0, 2 * iteration_s)
             time.sleep(delay)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -110,17 +124,19 @@ def run(kills: int, in_save: int, seed: int, workdir: Path, log=print) -> dict:
             pass
         stderr = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
-        if proc.returncode == 0:
-            raise AssertionError(f"kill {number} ({kind}) came too late: the run finished first")
+        if proc.returncode == 0:  # the kill would have come after the end: nothing left to interrupt
+            log(f"kill {number:3d}: the run finished before it; {len(plan) - number + 1} kill(s) not done")
+            break
         assert proc.returncode == -signal.SIGKILL, f"run failed by itself (exit {proc.returncode}):\n{stderr[-3000:]}"
         checkpoints, temporaries = _check_files(out)
-        rows.append({"kill": number, "kind": kind, "save_n": save_n, "delay_s": delay,
+        rows.append({"kill": number, "kind": kind, "save_n": save_n, "delay_s": delay, "target": target,
                      "iteration": _last_iteration(out), "checkpoints": checkpoints, "temporaries": temporaries})
-        log(f"kill {number:3d} {kind:6s} {'save #' + str(save_n) if save_n else f'after {delay:5.2f} s':>13}: "
+        when = f"in save #{save_n}" if save_n else (f"{target} iteration(s) + {delay:4.2f} s" if target else f"start + {delay:4.2f} s")
+        log(f"kill {number:3d} {when:>20s}: "
             f"resumable at iteration {rows[-1]['iteration']:3d}; {checkpoints} checkpoint files, all readable; "
             f"{temporaries} partial temporary file(s)")
 
-    final = subprocess.run(_command(out), capture_output=True, text=True, timeout=900)
+    final = subprocess.run(_command(out, epochs), capture_output=True, text=True, timeout=900)  # resumes (or no-op)
     assert final.returncode == 0, final.stderr[-3000:]
     assert not list(out.glob("*.pth.tmp.*")), "a partial temporary file survived the final run"
     got = load_file(str(out / LAST_CHECKPOINT))
@@ -146,6 +162,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--in-save", type=int, default=5, help="how many of the kills hit a checkpoint write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=16, help="of 4 iterations; about 1.5 per kill is enough")
     parser.add_argument("--workdir", default="", help="default: a new temporary folder")
     args = parser.parse_args()
     if not 0 <= args.in_save <= args.kills:
@@ -153,7 +170,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dino_kill_resume_"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"working in {workdir}")
-    run(args.kills, args.in_save, args.seed, workdir)
+    run(args.kills, args.in_save, args.seed, workdir, epochs=args.epochs)
 
 
 if __name__ == "__main__":
