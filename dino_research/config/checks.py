@@ -138,6 +138,9 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("TEST.KNN.K", _values(None, AT_LEAST_ONE, integer=True)),
     ("TEST.KNN.TEMPERATURE", POSITIVE),
     ("TEST.KNN.CHUNK_SIZE", AT_LEAST_ONE),
+    ("TEST.ATTENTION.PERIOD", NON_NEGATIVE),
+    ("TEST.ATTENTION.NUM_IMAGES", AT_LEAST_ONE),
+    ("TEST.ATTENTION.THRESHOLD", _between(0, 1, lo_open=True)),
     ("TEST.LINEAR.EPOCHS", AT_LEAST_ONE),
     ("TEST.LINEAR.BASE_LR", POSITIVE),
     ("TEST.LINEAR.BATCH_SIZE", AT_LEAST_ONE),
@@ -248,6 +251,9 @@ def _check_backbone_and_crops(p: _Problems, cfg) -> None:
             p.add("MODEL.BACKBONE.TIMM_MODEL", "not a timm model",
                   f"one of {', '.join(close)}?" if close else "a name from timm.list_models()")
     if not b.NAME.startswith("vit"):
+        if cfg.TEST.ATTENTION.PERIOD > 0:
+            p.add("TEST.ATTENTION.PERIOD", f"attention maps need a ViT backbone; MODEL.BACKBONE.NAME is {b.NAME!r}, "
+                  "which has no [CLS]-to-patch attention", "TEST.ATTENTION.PERIOD 0")
         return
     if not p.require("MODEL.BACKBONE.PATCH_SIZE", _between(1, VIT_MAX_PATCH_SIZE)):
         return

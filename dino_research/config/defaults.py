@@ -233,6 +233,16 @@ _C.TEST.KNN.CHUNK_SIZE = 256
 # self-supervised model should beat. Cheap on small images; off for ImageNet-size data.
 _C.TEST.KNN.PIXEL_BASELINE = False
 
+_C.TEST.ATTENTION = CN()
+# During training, draw the teacher's last-block [CLS] attention maps of NUM_IMAGES fixed images of
+# TEST.DATASET (TEST.VAL_ROOT split, evaluation crop) every this many epochs and at the end, to
+# TensorBoard (attention/image_K) and OUTPUT_DIR/attention/*.png. 0: never. ViT backbones only.
+_C.TEST.ATTENTION.PERIOD = 0
+# Number of fixed images, spread evenly over the split.
+_C.TEST.ATTENTION.NUM_IMAGES = 4
+# Fraction of each head's attention mass its mask keeps (paper, Fig. 3: 0.6).
+_C.TEST.ATTENTION.THRESHOLD = 0.6
+
 _C.TEST.LINEAR = CN()
 # Training epochs of the linear classifier (paper: 100).
 _C.TEST.LINEAR.EPOCHS = 100

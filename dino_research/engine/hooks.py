@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch.nn as nn
 
 from ..checkpoint import LAST_CHECKPOINT, TEACHER_BACKBONE, export_backbone
@@ -92,6 +93,13 @@ def build_knn_datasets(cfg) -> tuple:
                  for root, train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False)))
 
 
+def _every_epochs_and_at_end(trainer, period_epochs: int) -> bool:
+    """Whether the iteration just done ends an epoch that is a multiple of ``period_epochs``, or the run."""
+    done = trainer.iter + 1
+    epoch_end = done % trainer.iters_per_epoch == 0
+    return done == trainer.max_iter or (epoch_end and (done // trainer.iters_per_epoch) % period_epochs == 0)
+
+
 class KNNEvalHook(HookBase):
     """Weighted k-NN of the teacher backbone every ``TEST.EVAL_PERIOD`` epochs and at the end.
 
@@ -106,36 +114,36 @@ class KNNEvalHook(HookBase):
         self._datasets = datasets  # (memory bank, queries); built from the config when None
         self._pixel_results = None
 
-    def _due(self) -> bool:
-        t = self.trainer
-        done = t.iter + 1
-        epoch_end = done % t.iters_per_epoch == 0
-        return done == t.max_iter or (epoch_end and (done // t.iters_per_epoch) % self.period == 0)
-
     def after_step(self) -> None:
-        if self._due():
+        if _every_epochs_and_at_end(self.trainer, self.period):
             self.evaluate()
 
     def evaluate(self) -> dict:
-        from ..evaluation import extract_features, knn_classifier_multi_k
+        from ..evaluation import extract_features_multi, knn_classifier_multi_k
 
         t, cfg = self.trainer, self.trainer.cfg
         if self._datasets is None:
             self._datasets = build_knn_datasets(cfg)
 
-        def knn(backbone: nn.Module) -> dict:
-            feats = [extract_features(backbone, ds, batch_size=cfg.TEST.BATCH_SIZE, device=t.device,
-                                      num_workers=cfg.DATALOADER.NUM_WORKERS, progress=False)
-                     for ds in self._datasets]
+        # The raw-pixel baseline, computed once, shares the teacher's pass over the images.
+        backbones = [t.model.teacher.backbone]
+        if cfg.TEST.KNN.PIXEL_BASELINE and self._pixel_results is None:
+            backbones.append(nn.Flatten(1))
+        (bank, bank_labels), (queries, query_labels) = [
+            extract_features_multi(backbones, ds, batch_size=cfg.TEST.BATCH_SIZE, device=t.device,
+                                   num_workers=cfg.DATALOADER.NUM_WORKERS, progress=False)
+            for ds in self._datasets]
+
+        def knn(i: int) -> dict:
             if not comm.is_main_process():
                 return {}
-            return knn_classifier_multi_k(feats[0][0], feats[0][1], feats[1][0], feats[1][1], cfg.TEST.KNN.K,
+            return knn_classifier_multi_k(bank[i], bank_labels, queries[i], query_labels, cfg.TEST.KNN.K,
                                           cfg.TEST.KNN.TEMPERATURE, chunk_size=cfg.TEST.KNN.CHUNK_SIZE)
 
-        results = knn(t.model.teacher.backbone)
+        results = knn(0)
         new_pixel_results = {}
-        if cfg.TEST.KNN.PIXEL_BASELINE and self._pixel_results is None:
-            self._pixel_results = new_pixel_results = knn(nn.Flatten(1))
+        if len(backbones) == 2:
+            self._pixel_results = new_pixel_results = knn(1)
         if comm.is_main_process():
             for prefix, res in (("knn", results), ("knn_pixels", new_pixel_results)):
                 for k, (top1, top5) in res.items():
@@ -148,3 +156,69 @@ class KNNEvalHook(HookBase):
                         (t.iter + 1) // t.iters_per_epoch, cfg.TEST.DATASET, "\n".join(rows))
         comm.synchronize()
         return results
+
+
+class AttentionMapHook(HookBase):
+    """The teacher's last-block [CLS]-to-patch attention on a few fixed images, every ``period`` epochs
+    and at the end (main process; ViT backbones only).
+
+    One figure per image (:func:`~dino_research.evaluation.attention.attention_figure`: the image, the
+    mean over heads and every head; below, the masks keeping ``threshold`` of the mass) goes to
+    TensorBoard as ``attention/image_K`` and to ``OUTPUT_DIR/attention/iter_IIIIIII_image_K.png``.
+    Images are shown at least ``min_side`` pixels wide (small crops are enlarged, maps by repetition).
+
+    Args:
+        period_epochs: ``TEST.ATTENTION.PERIOD``.
+        images: RGB ``PIL.Image`` crops of the size the model evaluates (see
+            :func:`attention_images`); the same ones at every call, so figures compare over training.
+    """
+
+    def __init__(self, period_epochs: int, images: list, threshold: float = 0.6, min_side: int = 112):
+        self.period, self.images, self.threshold, self.min_side = period_epochs, images, threshold, min_side
+
+    def after_step(self) -> None:
+        if comm.is_main_process() and _every_epochs_and_at_end(self.trainer, self.period):
+            self.log_maps()
+
+    def log_maps(self) -> list[str]:
+        """Compute, log and save the figures now; returns the PNG paths."""
+        from ..evaluation.attention import attention_figure, last_self_attention_maps, prepare_image
+        from ..evaluation.attention import threshold_masks, upsample
+
+        t, cfg = self.trainer, self.trainer.cfg
+        backbone = t.model.teacher.backbone
+        p = backbone.patch_size
+        folder = os.path.join(cfg.OUTPUT_DIR, "attention")
+        os.makedirs(folder, exist_ok=True)
+        was_training, paths = backbone.training, []
+        backbone.eval()
+        try:
+            for k, picture in enumerate(self.images):
+                image, tensor = prepare_image(picture, p, cfg.INPUT.MEAN, cfg.INPUT.STD)
+                grid = last_self_attention_maps(backbone, tensor.to(t.device))[0].float().cpu()  # (heads, h, w)
+                scale = max(1, -(-self.min_side // min(image.size)))  # ceil: small crops enlarged
+                shown = image.resize((image.size[0] * scale, image.size[1] * scale))
+                masks = upsample(threshold_masks(grid, self.threshold), p * scale)
+                figure = attention_figure(shown, upsample(grid, p * scale), masks)
+                t.storage.put_image(f"attention/image_{k}", np.asarray(figure))
+                paths.append(os.path.join(folder, f"iter_{t.iter + 1:07d}_image_{k}.png"))
+                figure.save(paths[-1])
+        finally:
+            backbone.train(was_training)
+        logger.info("attention maps of %d images after iteration %d: %s", len(paths), t.iter + 1, folder)
+        return paths
+
+
+def attention_images(cfg) -> list:
+    """``TEST.ATTENTION.NUM_IMAGES`` images spread evenly over ``TEST.DATASET`` at ``TEST.VAL_ROOT``, each
+    resized (shorter side ``TEST.RESIZE_SIZE``, bicubic) and center-cropped (``TEST.CROP_SIZE``) as
+    the evaluation transform does: RGB ``PIL.Image`` crops, not normalized."""
+    from torchvision import transforms as T
+
+    from ..data import build_dataset
+
+    crop = T.Compose([T.Resize(cfg.TEST.RESIZE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(cfg.TEST.CROP_SIZE)])
+    dataset = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.VAL_ROOT, train=False, transform=crop)
+    n = min(cfg.TEST.ATTENTION.NUM_IMAGES, len(dataset))
+    return [dataset[i * len(dataset) // n][0] for i in range(n)]

@@ -99,6 +99,8 @@ class DINOTrainer:
                                             batches_per_epoch=self.iters_per_epoch * self.accumulate)
         # Built (and so checked) now, not after the first epoch: a wrong TEST root fails at start.
         self.knn_datasets = hooks_lib.build_knn_datasets(cfg) if cfg.TEST.EVAL_PERIOD > 0 else None
+        self.attention_images = (hooks_lib.attention_images(cfg) if cfg.TEST.ATTENTION.PERIOD > 0
+                                 and comm.is_main_process() else [])
         self.max_iter = cfg.SOLVER.EPOCHS * self.iters_per_epoch
 
         # Every rank builds the same initial weights, whatever the world size; the per-rank seed
@@ -148,6 +150,9 @@ class DINOTrainer:
         out = []
         if cfg.TEST.EVAL_PERIOD > 0:  # before the checkpointer: a resumed run never repeats an eval
             out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD, self.knn_datasets))
+        if self.attention_images:
+            out.append(hooks_lib.AttentionMapHook(cfg.TEST.ATTENTION.PERIOD, self.attention_images,
+                                                  cfg.TEST.ATTENTION.THRESHOLD))
         out += [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
                 hooks_lib.TeacherExporter()]
         if comm.is_main_process():

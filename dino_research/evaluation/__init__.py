@@ -10,7 +10,7 @@ from .attention import (
     threshold_masks,
     upsample,
 )
-from .features import extract_features, load_features, save_features, shard_indices
+from .features import extract_features, extract_features_multi, load_features, save_features, shard_indices
 from .knn import knn_classifier, knn_classifier_multi_k
 from .linear import (
     LinearClassifier,
@@ -42,6 +42,7 @@ __all__ = [
     "config_from_checkpoint",
     "crop_to_patch_multiple",
     "extract_features",
+    "extract_features_multi",
     "knn_classifier",
     "knn_classifier_multi_k",
     "last_self_attention_maps",

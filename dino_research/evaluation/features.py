@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..checkpoint import atomic_save, load_file
 from ..utils import comm
 
-__all__ = ["extract_features", "load_features", "save_features", "shard_indices"]
+__all__ = ["extract_features", "extract_features_multi", "load_features", "save_features", "shard_indices"]
 
 logger = logging.getLogger("dino_research")
 
@@ -113,10 +114,36 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalized ``backbone`` features of every item of ``dataset``, on every rank.
 
+    :func:`extract_features_multi` with one backbone; see it for the arguments and the contract.
+
+    Returns:
+        ``features`` (N, D) float32 with rows of unit L2 norm and ``labels`` (N,) int64, both on the
+        CPU and in dataset order, identical on every rank (N = ``len(dataset)``).
+    """
+    (features,), labels = extract_features_multi([backbone], dataset, batch_size=batch_size, device=device,
+                                                 num_workers=num_workers, amp_dtype=amp_dtype, progress=progress)
+    return features, labels
+
+
+@torch.no_grad()
+def extract_features_multi(
+    backbones: Sequence[nn.Module],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """L2-normalized features of every item of ``dataset`` by each of ``backbones``, from one pass
+    over the data (the images are read and transformed once), on every rank.
+
     Args:
-        backbone: maps images (B, 3, H, W) on ``device`` to features (B, D): for DINO's ViTs the
-            final-normed CLS token, for convnets the pooled features. It must already be on
-            ``device``; it is run in eval mode (its previous mode is restored afterwards).
+        backbones: each maps images (B, 3, H, W) on ``device`` to features (B, D_i): for DINO's ViTs
+            the final-normed CLS token, for convnets the pooled features, ``nn.Flatten(1)`` for raw
+            pixels. They must already be on ``device``; each runs in eval mode (its previous mode is
+            restored afterwards).
         dataset: items ``(image Tensor (3, H, W), label: int)``, e.g. with the eval transform.
         batch_size: images per process per forward pass.
         device: where the forward passes run.
@@ -125,8 +152,8 @@ def extract_features(
         progress: report progress on the main process (tqdm on a terminal, else a log line per ~10%).
 
     Returns:
-        ``features`` (N, D) float32 with rows of unit L2 norm and ``labels`` (N,) int64, both on the
-        CPU and in dataset order, identical on every rank (N = ``len(dataset)``).
+        ``[features (N, D_i) for each backbone]``, float32 rows of unit L2 norm, and ``labels`` (N,)
+        int64, all on the CPU and in dataset order, identical on every rank (N = ``len(dataset)``).
 
     With a process group of W ranks, rank r computes the items of :func:`shard_indices` (every W-th
     one, padded by wrapping so all ranks run the same number of batches) and the results are
@@ -147,31 +174,36 @@ def extract_features(
                         # random stream (and break exact resume).
                         generator=torch.Generator())
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    was_training = backbone.training
-    backbone.eval()
+    was_training = [backbone.training for backbone in backbones]
+    for backbone in backbones:
+        backbone.eval()
     bar = _Progress(len(loader), "extracting features", progress and comm.is_main_process())
-    features, labels = None, torch.empty(len(indices), dtype=torch.int64)
+    features, labels = [None] * len(backbones), torch.empty(len(indices), dtype=torch.int64)
     start = 0
     try:
         for images, targets in loader:
-            with autocast:
-                out = backbone(images.to(device, non_blocking=True))
-            if out.ndim != 2 or out.shape[0] != images.shape[0]:
-                raise ValueError(f"the backbone must return features (B, D); got {tuple(out.shape)} "
-                                 f"for a batch of {images.shape[0]} images")
-            out = F.normalize(out.float(), dim=1)  # in float32: autocast outputs may be half precision
-            if features is None:
-                features = torch.empty(len(indices), out.shape[1], dtype=torch.float32)
-            stop = start + out.shape[0]
-            features[start:stop] = out.cpu()
+            images = images.to(device, non_blocking=True)
+            stop = start + images.shape[0]
+            for i, backbone in enumerate(backbones):
+                with autocast:
+                    out = backbone(images)
+                if out.ndim != 2 or out.shape[0] != images.shape[0]:
+                    raise ValueError(f"the backbone must return features (B, D); got {tuple(out.shape)} "
+                                     f"for a batch of {images.shape[0]} images")
+                out = F.normalize(out.float(), dim=1)  # in float32: autocast outputs may be half precision
+                if features[i] is None:
+                    features[i] = torch.empty(len(indices), out.shape[1], dtype=torch.float32)
+                features[i][start:stop] = out.cpu()
             labels[start:stop] = torch.as_tensor(targets, dtype=torch.int64)
             start = stop
             bar.update()
     finally:
         bar.close()
-        backbone.train(was_training)
+        for backbone, mode in zip(backbones, was_training):
+            backbone.train(mode)
     assert start == len(indices), f"loaded {start} items, expected {len(indices)}"
-    return _all_gather_in_order(features, num_items, device), _all_gather_in_order(labels, num_items, device)
+    return ([_all_gather_in_order(f, num_items, device) for f in features],
+            _all_gather_in_order(labels, num_items, device))
 
 
 def save_features(path: str, train_features: torch.Tensor, train_labels: torch.Tensor,

@@ -15,6 +15,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
 
@@ -54,6 +55,7 @@ class EventStorage:
         self._history: dict[str, HistoryBuffer] = {}
         self._latest: dict[str, tuple[float, int]] = {}
         self._smoothing_hints: dict[str, bool] = {}
+        self._images: list[tuple[str, "np.ndarray", int]] = []
 
     def put_scalar(self, name: str, value: float | torch.Tensor, smoothing_hint: bool = True) -> None:
         """Record ``value`` (a number or a one-element tensor; a CUDA tensor syncs) at ``self.iter``."""
@@ -74,6 +76,22 @@ class EventStorage:
         """``put_scalar(name, value, smoothing_hint)`` for every keyword."""
         for name, value in kwargs.items():
             self.put_scalar(name, value, smoothing_hint=smoothing_hint)
+
+    def put_image(self, name: str, image: np.ndarray) -> None:
+        """Record an RGB picture, uint8 array (H, W, 3), at ``self.iter``, for the TensorBoard writer.
+
+        Kept until a writer takes it (:meth:`take_images`); only the process that runs the writers
+        (the main one) should put images.
+        """
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"put_image({name!r}) needs a uint8 array (H, W, 3), got {image.dtype} {image.shape}")
+        self._images.append((name, image, self.iter))
+
+    def take_images(self) -> list[tuple[str, np.ndarray, int]]:
+        """``[(name, image (H, W, 3) uint8, iteration), ...]`` put since the previous call, then forgotten."""
+        images, self._images = self._images, []
+        return images
 
     def history(self, name: str) -> HistoryBuffer:
         """History of ``name``: ``latest()``, ``median(w)``, ``avg(w)``, ``global_avg()``, ``values()``."""
@@ -159,7 +177,8 @@ class JSONWriter(EventWriter):
 
 
 class TensorboardWriter(EventWriter):
-    """``add_scalar(name, value, iteration)`` for each new scalar; the SummaryWriter opens on first use."""
+    """``add_scalar(name, value, iteration)`` for each new scalar and ``add_image`` for each image put
+    (:meth:`EventStorage.put_image`); the SummaryWriter opens on first use."""
 
     def __init__(self, log_dir: str, window: int = 20, **summary_writer_kwargs):
         super().__init__(window)
@@ -169,14 +188,17 @@ class TensorboardWriter(EventWriter):
         self._closed = False
 
     def write(self) -> None:
-        new = self._new_scalars(get_event_storage())
-        if new and (self._writer is None or self._closed):
+        storage = get_event_storage()
+        new, images = self._new_scalars(storage), storage.take_images()
+        if (new or images) and (self._writer is None or self._closed):
             self._closed = False
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
             self._writer = SummaryWriter(self._log_dir, **self._kwargs)
         for name, (value, it) in new.items():
             self._writer.add_scalar(name, value, it)
+        for name, image, it in images:
+            self._writer.add_image(name, image, it, dataformats="HWC")
 
     def close(self) -> None:
         if self._writer is not None:

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dino_research.checkpoint import CheckpointError
-from dino_research.evaluation.features import extract_features, load_features, save_features, shard_indices
+from dino_research.evaluation.features import (
+    extract_features,
+    extract_features_multi,
+    load_features,
+    save_features,
+    shard_indices,
+)
 
 
 class TinyImages(Dataset):
@@ -53,6 +59,24 @@ def test_single_process_features_are_normalized_and_in_dataset_order():
     assert feats.dtype == torch.float32 and labels.dtype == torch.int64 and feats.shape == (7, 6)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(7))
     torch.testing.assert_close(feats, want_feats)  # dropout inactive: eval mode during extraction
+    assert torch.equal(labels, want_labels)
+
+
+def test_several_backbones_share_one_pass_over_the_data():
+    class CountingImages(TinyImages):
+        reads = 0
+
+        def __getitem__(self, i):
+            CountingImages.reads += 1
+            return super().__getitem__(i)
+
+    dataset, backbone = CountingImages(7), toy_backbone()
+    (feats, pixels), labels = extract_features_multi([backbone, nn.Flatten(1)], dataset, batch_size=3,
+                                                     device="cpu", progress=False)
+    assert CountingImages.reads == 7  # each image read once for both
+    want_feats, want_labels = expected(dataset, backbone)
+    torch.testing.assert_close(feats, want_feats)
+    torch.testing.assert_close(pixels, F.normalize(dataset.images.flatten(1), dim=1))
     assert torch.equal(labels, want_labels)
 
 
