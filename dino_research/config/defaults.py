@@ -134,6 +134,9 @@ _C.DATASETS = CN()
 _C.DATASETS.TRAIN = "ImageFolder"
 # Root of the pretraining set (local path or iopath URI), read by TRAIN's builder.
 _C.DATASETS.TRAIN_ROOT = "datasets/imagenet/train"
+# Pretrain on a fixed random subset of this many images of DATASETS.TRAIN (drawn from SEED: the same
+# on every rank and after a resume); 0: all. For quick runs and data-efficiency studies.
+_C.DATASETS.TRAIN_SUBSET = 0
 # Number of images of the "Synthetic" dataset (tests and smoke runs; no file is read).
 _C.DATASETS.SYNTHETIC_SIZE = 64
 # Side in pixels of the "Synthetic" dataset's images.

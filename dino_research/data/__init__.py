@@ -1,6 +1,6 @@
 """Data: registries and builders, then the modules that register augmentations and datasets."""
 
-from .build import AUGMENTATION_REGISTRY, DATASET_REGISTRY, build_augmentation, build_dataset
+from .build import AUGMENTATION_REGISTRY, DATASET_REGISTRY, build_augmentation, build_dataset, fixed_subset
 from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
 from .datasets import UnreadableImageError
 from .eval_transforms import build_eval_transform
@@ -17,6 +17,7 @@ __all__ = [
     "build_augmentation",
     "build_dataset",
     "build_eval_transform",
+    "fixed_subset",
     "build_pretrain_loader",
     "collate_crops",
     "derive_seed",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from fvcore.common.registry import Registry
+from torch.utils.data import Dataset, Subset
 
 from ..utils.registry import lookup
 
@@ -39,3 +41,22 @@ def build_augmentation(cfg) -> Callable:
 def build_dataset(cfg, name: str, root: str, train: bool, transform: Callable | None):
     """Build the registered dataset ``name`` at ``root`` with ``transform`` applied to each image."""
     return lookup(DATASET_REGISTRY, name, "DATASETS.TRAIN")(cfg, root=root, train=train, transform=transform)
+
+
+# Stream tag of the subset draw: it never coincides with the sampler's or the augmentations' seeds.
+_SUBSET_STREAM = 0x53554253  # "SUBS"
+
+
+def fixed_subset(dataset: Dataset, size: int, seed: int, key: str = "DATASETS.TRAIN_SUBSET") -> Dataset:
+    """``size`` items of ``dataset`` drawn at random from ``seed`` (the same on every rank, machine and
+    resume), kept in dataset order; ``dataset`` itself when ``size`` is 0. ``key`` names the config key
+    in errors."""
+    from .samplers import derive_seed
+
+    if size == 0:
+        return dataset
+    if not 0 < size <= len(dataset):
+        raise ValueError(f"{key} = {size}: must be 0 (all) or between 1 and the dataset's {len(dataset)} images")
+    generator = torch.Generator().manual_seed(derive_seed(_SUBSET_STREAM, seed) % 2**63)
+    indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values
+    return Subset(dataset, indices.tolist())

@@ -26,7 +26,7 @@ from ..checkpoint import (
     restore_rng_state,
 )
 from ..config import check_amp, check_config, check_world_size
-from ..data import build_augmentation, build_dataset
+from ..data import build_augmentation, build_dataset, fixed_subset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_ema, build_model
 from ..solver import apply_schedules, build_optimizer, build_schedules, clip_grad_per_param_, total_batch_size
@@ -85,8 +85,8 @@ class DINOTrainer:
         if self.accumulate < 1:
             raise ValueError(f"SOLVER.ACCUMULATE_STEPS must be >= 1, got {self.accumulate}")
 
-        dataset = build_dataset(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_ROOT, train=True,
-                                transform=build_augmentation(cfg))
+        dataset = fixed_subset(build_dataset(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_ROOT, train=True,
+                                             transform=build_augmentation(cfg)), cfg.DATASETS.TRAIN_SUBSET, cfg.SEED)
         batches_per_rank = len(dataset) // (cfg.SOLVER.BATCH_SIZE_PER_GPU * self.world_size)
         self.iters_per_epoch = batches_per_rank // self.accumulate
         if self.iters_per_epoch == 0:
