@@ -5,6 +5,7 @@
         [--checkpoint-key teacher] [--num-gpus N] [--dump-features PATH] [KEY VALUE ...]
     python tools/eval_knn.py --config FILE --load-features PATH      # rerun on saved features
     python tools/eval_knn.py --config FILE --pixels                   # raw-pixel baseline, no weights
+    python tools/eval_knn.py --config FILE --random-init              # the backbone before training
 
 Features of TEST.TRAIN_ROOT and TEST.VAL_ROOT (dataset TEST.DATASET, eval transform TEST.RESIZE_SIZE /
 TEST.CROP_SIZE) are extracted on every process, then the main process classifies the validation set
@@ -19,10 +20,11 @@ import os
 import torch.nn as nn
 
 from dino_research.data import build_dataset, build_eval_transform
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
 from dino_research.evaluation.features import extract_features, load_features, save_features
 from dino_research.evaluation.knn import knn_classifier_multi_k
 from dino_research.evaluation.weights import load_backbone
+from dino_research.modeling import build_model
 from dino_research.utils import comm
 from dino_research.utils.slurm import main_or_submit
 
@@ -36,6 +38,9 @@ def build_parser():
                         help="features written by --dump-features: skip the images and the backbone")
     source.add_argument("--pixels", action="store_true",
                         help="raw-pixel baseline: the eval-transformed image, flattened, is the feature")
+    source.add_argument("--random-init", action="store_true",
+                        help="the config's backbone at the initialization a run with this SEED starts from: "
+                             "what training has to improve on")
     parser.add_argument("--dump-features", default="", metavar="PATH",
                         help="also save the extracted train/test features and labels to PATH")
     return parser
@@ -49,6 +54,9 @@ def compute_features(cfg, args):
     device = resolve_device(cfg)
     if args.pixels:
         backbone = nn.Flatten(1)  # (B, 3, H, W) -> (B, 3HW); extract_features L2-normalizes the rows
+    elif args.random_init:
+        seed_all(cfg.SEED)  # as the trainer does right before building the model
+        backbone = build_model(cfg).teacher.backbone
     else:
         backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
     backbone.to(device)
@@ -75,14 +83,15 @@ def main(args) -> None:
     ks, temperature = list(cfg.TEST.KNN.K), cfg.TEST.KNN.TEMPERATURE
     results = knn_classifier_multi_k(train_feats.to(device), train_labels, test_feats, test_labels, ks,
                                      temperature, chunk_size=cfg.TEST.KNN.CHUNK_SIZE)
-    source = "pixels" if args.pixels else (f"loaded from {args.load_features}" if args.load_features else "backbone")
+    source = ("pixels" if args.pixels else "random-init backbone" if args.random_init
+              else f"loaded from {args.load_features}" if args.load_features else "backbone")
     logger.info("weighted k-NN (T=%g), %d train / %d test %s features:", temperature,
                 train_feats.shape[0], test_feats.shape[0], source)
     logger.info("| %5s | %7s | %7s |", "k", "top-1", "top-5")
     for k, (top1, top5) in results.items():
         logger.info("| %5d | %7.2f | %7.2f |", k, top1, top5)
     summary = {
-        "weights": "" if args.pixels else (args.weights or cfg.MODEL.WEIGHTS),
+        "weights": "" if args.pixels or args.random_init else (args.weights or cfg.MODEL.WEIGHTS),
         "checkpoint_key": args.checkpoint_key,
         "features": source,
         "num_train": int(train_feats.shape[0]),
@@ -99,6 +108,6 @@ def main(args) -> None:
 if __name__ == "__main__":
     parser = build_parser()
     args = parser.parse_args()
-    if args.pixels and args.weights:
-        parser.error("--pixels evaluates raw pixels: it takes no --weights")
+    if (args.pixels or args.random_init) and args.weights:
+        parser.error("--pixels and --random-init take no --weights")
     main_or_submit(main, args)  # --slurm submits through submitit; otherwise runs here

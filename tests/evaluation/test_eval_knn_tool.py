@@ -107,3 +107,18 @@ def test_raw_pixel_baseline_on_two_workers(tmp_path):
     assert results == knn_classifier_multi_k(*want, KS, 0.07)
     # Synthetic classes differ in colour and stripes: raw pixels beat the 10% chance level.
     assert results[5][0] > 20.0
+
+
+def test_random_init_is_the_backbone_a_training_run_starts_from(tmp_path):
+    """--random-init: the teacher backbone of a run with this config before its first step."""
+    from dino_research.engine import DINOTrainer
+
+    tiny = ["MODEL.BACKBONE.NAME", "vit_tiny", "MODEL.BACKBONE.DEPTH", "2", "MODEL.HEAD.OUT_DIM", "64",
+            "DATASETS.TRAIN", "Synthetic", "SOLVER.BATCH_SIZE_PER_GPU", "8", "SOLVER.AMP.ENABLED", "False", "SEED", "3"]
+    dump = tmp_path / "init.pth"
+    summary, _ = run_tool(tmp_path / "run", "--random-init", "--dump-features", str(dump), *tiny)
+    assert summary["features"] == "random-init backbone" and summary["weights"] == ""
+    cfg = load_config("", [*EVAL, *tiny, "OUTPUT_DIR", str(tmp_path / "trainer")])
+    teacher = DINOTrainer(cfg).model.teacher.backbone
+    train, _ = [extract_features(teacher, d, batch_size=16, device="cpu", progress=False) for d in splits(cfg)]
+    torch.testing.assert_close(load_features(str(dump))[0], train[0], rtol=0, atol=0)
