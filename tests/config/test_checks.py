@@ -185,6 +185,23 @@ def test_amp_float16_needs_cuda():
     check_amp(load_config("", ["MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "False"]))
 
 
+def test_bfloat16_on_a_cpu_without_bf16_instructions_is_a_warning(monkeypatch, caplog):
+    from dino_research.config import checks
+
+    bf16_cpu = load_config("", ["MODEL.DEVICE", "cpu", "SOLVER.AMP.DTYPE", "bfloat16"])
+    monkeypatch.setattr(checks, "cpu_has_fast_bfloat16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dino_research"):
+        check_amp(bf16_cpu)
+        check_amp(bf16_cpu, device_type="cuda")  # the GPU has its own bf16 units: no warning
+    assert len(caplog.records) == 1 and "slower than float32" in caplog.text
+    assert "SOLVER.AMP.ENABLED False" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(checks, "cpu_has_fast_bfloat16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="dino_research"):
+        check_amp(bf16_cpu)
+    assert not caplog.records
+
+
 def test_amp_auto_device_resolves_on_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="this run is on cpu"):
