@@ -300,3 +300,38 @@ def test_depth_override_builds_a_shallower_vit():
     cfg.merge_from_list(["MODEL.BACKBONE.DEPTH", "-1"])
     with pytest.raises(ValueError, match="MODEL.BACKBONE.DEPTH"):
         build_backbone(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- attention layer
+@pytest.mark.parametrize("fused", [True, False])
+def test_dino_attention_equals_timm_attention_forward_and_backward(fused):
+    """DINOAttention only changes how q, k, v are split from the projection (one gradient copy less):
+    outputs and every gradient must be timm's, fused (SDPA) or not."""
+    from timm.layers import Attention
+
+    from dino_research.modeling.backbones import DINOAttention
+
+    torch.manual_seed(0)
+    ours, theirs = DINOAttention(48, num_heads=4, qkv_bias=True), Attention(48, num_heads=4, qkv_bias=True)
+    theirs.load_state_dict(ours.state_dict())
+    ours.fused_attn = theirs.fused_attn = fused
+    x = torch.randn(3, 17, 48)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-6, rtol=1e-5)
+    grad_out = torch.randn_like(out_ours)
+    out_ours.backward(grad_out)
+    out_theirs.backward(grad_out)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, atol=1e-6, rtol=1e-5)
+    theirs_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs_params[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_dino_attention_refuses_options_it_does_not_implement():
+    from dino_research.modeling.backbones import DINOAttention
+
+    with pytest.raises(ValueError, match="no qk/scale norm"):
+        DINOAttention(48, num_heads=4, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="no attention mask"):
+        DINOAttention(48, num_heads=4)(torch.randn(1, 5, 48), attn_mask=torch.zeros(5, 5))
