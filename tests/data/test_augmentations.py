@@ -262,7 +262,7 @@ def test_hue_equals_torchvision_on_a_color_cube(factor):
     each channel (~640k colors, every branch and tie of PIL's HSV conversion)."""
     from torchvision.transforms import functional as TF
 
-    from dino_research.data.augmentations import _adjust_hue
+    from dino_research.data.pixel_ops import adjust_hue as _adjust_hue
 
     values = np.arange(0, 256, 3)
     cube = np.array(np.meshgrid(values, values, values, indexing="ij")).reshape(3, -1).T.astype(np.uint8)
