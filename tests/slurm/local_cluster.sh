@@ -29,6 +29,9 @@ start() {
 ClusterName=dino_test
 SlurmctldHost=localhost
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again; the preemption
+# test requeues one, and nothing here needs long-lived credentials.
+AuthInfo=cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -37,6 +40,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Look at pending jobs every 2 s (defaults: 60 s main loop, 30 s backfill), so a requeued job
+# restarts as soon as it may instead of up to a minute later.
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
