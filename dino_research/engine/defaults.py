@@ -98,8 +98,8 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None) -> None:
     rank = comm.get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logger(cfg.OUTPUT_DIR, rank=rank)
-    logger.info("rank %d of %d; torch %s; python %s", rank, comm.get_world_size(), torch.__version__,
-                sys.version.split()[0])
+    logger.info("rank %d of %d; torch %s; python %s; %d CPU threads", rank, comm.get_world_size(), torch.__version__,
+                sys.version.split()[0], torch.get_num_threads())
     if args is not None:
         logger.info("command line: %s", " ".join(sys.argv))
     if comm.is_main_process():

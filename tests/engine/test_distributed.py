@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dino_research.checkpoint import LAST_CHECKPOINT, load_file
+from dino_research.engine.launch import cpu_threads_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,18 @@ def test_two_gloo_workers_match_one_process_with_the_total_batch(tmp_path):
     assert moved
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "rank 0 of 2" in log and (tmp_path / "ddp" / "log_rank1.txt").is_file()
+    # The two workers share the machine's cores instead of each starting one thread per core.
+    expected = cpu_threads_per_worker(2, environ={})
+    assert f"{expected or torch.get_num_threads()} CPU threads" in log
+
+
+def test_local_workers_share_the_cores():
+    assert cpu_threads_per_worker(2, environ={}, available=2, total=2) == 1
+    assert cpu_threads_per_worker(4, environ={}, available=16, total=16) == 4
+    assert cpu_threads_per_worker(4, environ={}, available=2, total=2) == 1  # never 0
+    assert cpu_threads_per_worker(1, environ={}, available=16, total=16) is None  # alone: torch's default
+    assert cpu_threads_per_worker(2, environ={"OMP_NUM_THREADS": "3"}, available=16, total=16) is None
+    assert cpu_threads_per_worker(8, environ={}, available=4, total=64) is None  # pinned by SLURM / taskset
 
 
 def test_torchrun_environment_is_used_instead_of_spawning(tmp_path):
