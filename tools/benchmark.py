@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks of dino_research, printed as Markdown tables.
 
-    python tools/benchmark.py [--only SECTION] [--iterations 40] [--repeats 7]
+    python tools/benchmark.py [--only SECTION] [--iterations 40] [--repeats 7] [--training-iters 5] [--quick]
 
 Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
 
@@ -13,7 +13,15 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
   flips, jitters and blurs and share whatever load the machine has. Reported: the median over
   ``--repeats`` blocks of ``--iterations`` images; the speedup is the median of the per-block ratios.
 
-This is a benchmark, not a test: the default sizes take well under a minute on one CPU core.
+- ``training``: the DINO training step of ViT-S/16 (2x224 + 8x96 crops, batch 8) in float32 and
+  bfloat16 autocast, images/s and model FLOP utilization: ``tools/bench_training.py`` (its docstring
+  says what is timed and counted), with ``--iters`` = ``--training-iters``. For steadier numbers
+  start Python with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
+  MALLOC_TOP_PAD_=1073741824`` (glibc reads them at start; the section prints whether they were set).
+
+``--quick`` shrinks every section to a smoke test (a few images, a tiny ViT): it checks that the
+script runs, it measures nothing. This is a benchmark, not a test: the augmentation section takes
+well under a minute, the training section a few minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -164,11 +172,30 @@ def augmentation_section(args) -> None:
     print(f"\nTarget: >= 1.5x the plain pipeline per worker; measured {rows[-1]['speedup']:.2f}x.\n")
 
 
+def training_section(args) -> None:
+    tool = _load_tool("bench_training")
+    print("## Training step\n")
+    tool.main(["--quick"] if args.quick else ["--iters", str(args.training_iters)])
+    print()
+
+
+def _load_tool(name: str):
+    """A sibling script of ``tools/`` as a module (``tools`` is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ------------------------------------------------------------------------------ main
 # Section name -> function(args) printing its Markdown. A new section is one function and one entry
 # here (with its own arguments in ``main``'s parser); ``--only`` offers exactly these names.
 SECTIONS = {
     "augmentation": augmentation_section,
+    "training": training_section,
 }
 
 
@@ -177,9 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=list(SECTIONS), help="run only this section (default: every section)")
     parser.add_argument("--iterations", type=int, default=40, help="augmentation: images per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="augmentation: timed blocks per pipeline")
+    parser.add_argument("--training-iters", type=int, default=5, help="training: timed steps per precision")
+    parser.add_argument("--quick", action="store_true", help="smoke test of every section (measures nothing)")
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.repeats < 1:
-        parser.error("--iterations and --repeats must be >= 1")
+    if args.iterations < 1 or args.repeats < 1 or args.training_iters < 1:
+        parser.error("--iterations, --repeats and --training-iters must be >= 1")
+    if args.quick:
+        args.iterations, args.repeats = 2, 1
 
     command = [os.path.basename(sys.executable), sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     print(f"Machine: {machine_line()}")
