@@ -10,7 +10,8 @@ from .defaults import (
 )
 from .launch import launch
 from .preemption import TrainingStopped, install_stop_handlers, stop_requested
-from .trainer import DINOTrainer, NonFiniteLossError
+from .health import NonFiniteLossError
+from .trainer import DINOTrainer
 
 __all__ = [
     "DINOTrainer",

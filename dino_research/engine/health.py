@@ -1,7 +1,8 @@
-"""Numerical health of a DINO run: collapse indicators, and NaN/inf checks of gradients and weights.
+"""Numerical health of a DINO run: collapse indicators, and NaN/inf checks of the loss, gradients and
+weights.
 
-Pure functions of the model's tensors; the trainer decides what to do with the answers (log,
-skip a step, stop).
+Functions of the model's tensors; the trainer decides what to do with the answers (log, skip a
+step, stop). :func:`finite_on_all_ranks` is the one collective here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,27 @@ import torch
 import torch.nn as nn
 
 logger = logging.getLogger("dino_research")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN or infinite (more often than ``SOLVER.SKIP_NONFINITE``
+    allows); raised before the optimizer step, so neither the weights nor any checkpoint is corrupted."""
+
+
+def finite_on_all_ranks(value: float, world_size: int, device: torch.device) -> bool:
+    """Whether ``value`` is finite on every rank (an all-reduce MIN when ``world_size`` > 1).
+
+    Every rank must take the same skip-or-stop decision: a rank that stopped alone would leave the
+    others waiting in DDP's gradient all-reduce until the process-group timeout.
+    """
+    finite = math.isfinite(value)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(finite)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
 @torch.no_grad()

@@ -35,17 +35,12 @@ from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
-from .health import collapse_indicators, gradient_fault, state_is_finite
+from .health import NonFiniteLossError, collapse_indicators, finite_on_all_ranks, gradient_fault, state_is_finite
 from .preemption import TrainingStopped, stop_requested
 
 logger = logging.getLogger("dino_research")
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients became NaN or infinite (more often than ``SOLVER.SKIP_NONFINITE``
-    allows); raised before the optimizer step, so neither the weights nor any checkpoint is corrupted."""
 
 
 def amp_settings(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -234,10 +229,10 @@ class DINOTrainer:
             dist.all_gather_object(gathered, rank_state)
         else:
             gathered = [rank_state]
-        path = self.checkpointer.save(filename, iteration=next_iter, rng=[g[0] for g in gathered],
-                                      skipped_images=[g[1] for g in gathered],
-                                      nonfinite_skipped=self.nonfinite_skipped, config=self.cfg.dump(),
-                                      iters_per_epoch=self.iters_per_epoch)
+        self.checkpointer.save(filename, iteration=next_iter, rng=[g[0] for g in gathered],
+                               skipped_images=[g[1] for g in gathered],
+                               nonfinite_skipped=self.nonfinite_skipped, config=self.cfg.dump(),
+                               iters_per_epoch=self.iters_per_epoch)
         if filename == LAST_CHECKPOINT:
             self.last_saved, self._last_saved_iter = self.checkpointer.last_path, next_iter
         comm.synchronize()
@@ -318,7 +313,7 @@ class DINOTrainer:
                 loss = out["loss"]
                 # Every rank takes the same decision, before any collective of the backward pass.
                 loss_value = loss.item()
-                if not self._finite_on_all_ranks(loss_value):
+                if not finite_on_all_ranks(loss_value, self.world_size, self.device):
                     fault = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is non-finite on another rank"
                     continue
                 # 3. Backward (scaled for float16; averaged over micro-batches).
@@ -369,14 +364,6 @@ class DINOTrainer:
                 dist.all_reduce(flag)
                 total = int(flag.item())
             self.storage.put_scalar("skipped_images", total, smoothing_hint=False)
-
-    def _finite_on_all_ranks(self, value: float) -> bool:
-        finite = math.isfinite(value)
-        if self.world_size > 1:
-            flag = torch.tensor([int(finite)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
-        return finite
 
     def _clip_and_check_gradients(self) -> str | None:
         """Clip each gradient to ``SOLVER.CLIP_GRAD`` (after unscaling); a description if any is NaN/inf."""
