@@ -28,8 +28,8 @@ is given against both the bfloat16 and the float32 peak. The best rate of a swee
 output also says how much CPU other processes used during the steps: re-run when it is not ~0%.
 
 glibc's malloc returns freed activation memory to the kernel and page-faults it back at every step;
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824`` in
-the environment keep it mapped (set before Python starts; the output shows whether they were set).
+the trainer keeps it mapped on CPU (``dino_research/utils/malloc.py``, through ``mallopt``) unless
+``MALLOC_*_`` variables are set in the environment; the output says which.
 
 This is a benchmark, not a test: the defaults take a few minutes on a 2-core machine.
 """
@@ -329,12 +329,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"- Strictest reference, the best rate of a sweep of {args.peak_sizes} square matmuls before and after "
           "all steps: " + "; ".join(f"{r['precision']}: {r['sweep_peak_gflops']:.1f} GFLOP/s, MFU "
                                     f"{100 * r['mfu_vs_sweep_peak']:.1f}%" for r in rows))
-    print(f"- Steps (s): " + "; ".join(f"{r['precision']}: " + ", ".join(f"{t:.2f}" for t in r["s_per_iter_all"])
+    print("- Steps (s): " + "; ".join(f"{r['precision']}: " + ", ".join(f"{t:.2f}" for t in r["s_per_iter_all"])
                                       for r in rows))
     for line in machine_lines():
         print(f"- {line}")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    print(f"- glibc malloc environment: {', '.join(f'{k}={v}' for k, v in sorted(malloc.items())) or 'default'}")
+    chosen = ", ".join(f"{k}={v}" for k, v in sorted(malloc.items()))
+    print(f"- glibc malloc: {chosen + ' (environment)' if malloc else 'freed memory kept mapped by the trainer'}")
     print(f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
 
 

@@ -32,6 +32,7 @@ from ..modeling import build_ema, build_model
 from ..solver import apply_schedules, build_optimizer, build_schedules, clip_grad_per_param_, total_batch_size
 from ..solver.build import scaled_lr
 from ..utils import comm
+from ..utils.malloc import keep_freed_memory_mapped
 from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
@@ -76,6 +77,8 @@ class DINOTrainer:
         check_amp(cfg, self.device.type)
         check_world_size(cfg, self.world_size, self.device.type)
         self.amp_enabled, self.amp_dtype = amp_settings(cfg, self.device)
+        if self.device.type == "cpu" and keep_freed_memory_mapped():  # before loader workers fork
+            logger.info("glibc malloc keeps freed memory mapped (steadier CPU steps; utils/malloc.py)")
         self.accumulate = cfg.SOLVER.ACCUMULATE_STEPS
         if self.accumulate < 1:
             raise ValueError(f"SOLVER.ACCUMULATE_STEPS must be >= 1, got {self.accumulate}")
