@@ -266,6 +266,10 @@ _C.TEST.LINEAR.LR_GRID = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.0
 # ---------------------------------------------------------------------------------------------------
 # Misc
 # ---------------------------------------------------------------------------------------------------
+# Modules imported before anything is built, so the components they register can be named in this
+# config: module names ("my_lab.dino_parts") or .py paths, relative to the current directory
+# ("projects/SinkhornCentering/sinkhorn_centering.py"). See config/imports.py.
+_C.IMPORTS = []
 # Where checkpoints, logs, metrics and the dumped config go.
 _C.OUTPUT_DIR = "./output"
 # Global seed; each rank and data-loader worker derives its own from it.

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, check_config, get_cfg
+from ..config.imports import import_components
 from ..utils import comm
 from ..utils.logger import setup_logger
 from ..utils.slurm import add_slurm_arguments
@@ -53,7 +54,8 @@ def eval_argument_parser(description: str = "dino_research evaluation") -> argpa
 
 
 def load_config(config_file: str, opts: list) -> CfgNode:
-    """Defaults, then ``config_file``, then ``opts``; checked, then frozen.
+    """Defaults, then ``config_file``, then ``opts``; the modules of ``IMPORTS`` imported (their
+    components registered); checked, then frozen.
 
     Raises :class:`~dino_research.config.ConfigError` on an unknown key or a wrong type (while
     merging) and on every value no run can use (:func:`~dino_research.config.check_config`, all
@@ -63,6 +65,7 @@ def load_config(config_file: str, opts: list) -> CfgNode:
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    import_components(cfg.IMPORTS)  # before the check: it looks up registered names
     check_config(cfg)
     cfg.freeze()
     return cfg
