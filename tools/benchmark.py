@@ -15,9 +15,7 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
 
 - ``training``: the DINO training step of ViT-S/16 (2x224 + 8x96 crops, batch 8) in float32 and
   bfloat16 autocast, images/s and model FLOP utilization: ``tools/bench_training.py`` (its docstring
-  says what is timed and counted), with ``--iters`` = ``--training-iters``. For steadier numbers
-  start Python with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
-  MALLOC_TOP_PAD_=1073741824`` (glibc reads them at start; the section prints whether they were set).
+  says what is timed and counted), with ``--iters`` = ``--training-iters``.
 
 ``--quick`` shrinks every section to a smoke test (a few images, a tiny ViT): it checks that the
 script runs, it measures nothing. This is a benchmark, not a test: the augmentation section takes

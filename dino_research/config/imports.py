@@ -51,12 +51,13 @@ def _import_file(path: str) -> ModuleType:
         raise ConfigError(f"IMPORTS: no file {path!r} (looked at {full}; a relative path is taken from the "
                           f"current directory, {os.getcwd()})")
     stem = os.path.splitext(os.path.basename(full))[0]
-    name = f"dino_research_imports.{stem}_{hashlib.sha1(full.encode()).hexdigest()[:10]}"
+    # A top-level name (no parent package to import), unique per absolute path.
+    name = f"dino_research_import_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, full)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before running it: pickling a class of it (spawn, submitit) finds it
+    sys.modules[name] = module  # before running it, as a normal import does (dataclasses, pickle look it up)
     try:
         spec.loader.exec_module(module)
     except BaseException:

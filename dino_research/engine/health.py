@@ -12,6 +12,7 @@ import math
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 logger = logging.getLogger("dino_research")
@@ -30,8 +31,6 @@ def finite_on_all_ranks(value: float, world_size: int, device: torch.device) -> 
     """
     finite = math.isfinite(value)
     if world_size > 1:
-        import torch.distributed as dist
-
         flag = torch.tensor([int(finite)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         finite = bool(flag.item())
