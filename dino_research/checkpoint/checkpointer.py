@@ -8,6 +8,7 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -35,6 +36,18 @@ class CheckpointError(RuntimeError):
 
 
 _TMP_INFIX = ".tmp."
+# A full disk and an exhausted quota: the two write failures a user fixes by freeing space.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: str) -> int:
+    """Bytes an unprivileged process can still write to the file system holding ``folder``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def _mb(n_bytes: int) -> int:
+    return round(n_bytes / 2**20)
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -48,6 +61,18 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one file system
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        # Measured before the partial temporary is removed, so "needs" is at least what was written.
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        raise CheckpointError(
+            f"writing {path} failed: {os.strerror(e.errno)} ({_mb(free_bytes(folder))} MB free in {folder}; "
+            f"the file needs more than {_mb(written)} MB). "
+            + ("The previous file is intact. " if os.path.exists(path) else "")
+            + "Free space there (old checkpoint_*.pth snapshots can go; SOLVER.SNAPSHOT_EPOCHS writes fewer) "
+            "or move OUTPUT_DIR, then run the same command to resume from the last checkpoint."
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -309,6 +334,12 @@ class Checkpointer:
             return None
         path = os.path.join(self.output_dir, filename)
         atomic_save(with_integrity(self.state(**extra)), path)
+        # Warn while there is still time to act: the next write needs room for its temporary copy
+        # next to the current file, i.e. about one more checkpoint's size.
+        size, free = os.path.getsize(path), free_bytes(self.output_dir)
+        if free < 2 * size:
+            logger.warning("only %d MB free in %s and each checkpoint takes %d MB: the next checkpoint write may "
+                           "fail. Free space or move OUTPUT_DIR before it does.", _mb(free), self.output_dir, _mb(size))
         return path
 
     def restore(self, data: dict) -> None:

@@ -1,5 +1,6 @@
 """Damaged checkpoints: detected on resume, the newest readable snapshot is used, never a silent restart."""
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -144,3 +145,40 @@ def test_pickled_code_is_refused_and_never_executed(tmp_path):
     # Loaded without weights_only, the same file does run the code: the payload is real.
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+def test_a_full_disk_stops_the_run_clearly_and_it_resumes_once_space_is_back(tmp_path, finished_run, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, f):
+        calls.append(1)
+        if len(calls) < 2:  # last_checkpoint.pth after iteration 3 is written, the one after 4 is not
+            return real_save(obj, f)
+        f.write(b"\0" * 3 * 2**20)  # what the write manages before the file system is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointError, match=r"writing .*\.pth failed: No space left on device \(\d+ MB free in "
+                                              r".*needs more than 3 MB\)\. The previous file is intact\..*"
+                                              r"run the same command to resume"):
+        train(make_cfg(tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not list(tmp_path.glob("*.tmp.*"))  # the partial write is gone
+    kept = load_file(str(tmp_path / LAST_CHECKPOINT))  # and the checkpoint before it still loads
+    assert kept["iteration"] == 3
+
+    resumed = train(make_cfg(tmp_path))  # space is back: the same command finishes the run
+    assert resumed.start_iter == kept["iteration"]
+    expected = load_file(str(finished_run / LAST_CHECKPOINT))["model"]
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_low_disk_space_is_warned_about_after_a_checkpoint(tmp_path, monkeypatch, caplog):
+    from dino_research.checkpoint import checkpointer
+
+    monkeypatch.setattr(checkpointer, "free_bytes", lambda folder: 2**20)  # 1 MB left
+    with caplog.at_level("WARNING", logger="dino_research.checkpoint.checkpointer"):
+        checkpointer.Checkpointer(str(tmp_path), torch.nn.Linear(512, 512)).save("x.pth")
+    assert any("only 1 MB free in" in r.message and "each checkpoint takes 1 MB" in r.message
+               for r in caplog.records)
