@@ -5,20 +5,14 @@ keeps the scripts from rotting: every section runs on the current code, and the 
 are well-formed (positive rates, FLOPs counted, identical k-NN accuracies from both methods).
 """
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from tool_utils import load_tool
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(text, first_cell):
@@ -29,7 +23,7 @@ def _table_rows(text, first_cell):
 
 def test_benchmark_sections_run_and_print_their_tables(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "--quick"])
-    _load("benchmark").main(["--quick"])
+    load_tool("benchmark").main(["--quick"])
     out = capsys.readouterr().out
     assert "## Multi-crop augmentation" in out and "## Training step" in out
     plain, ours = _table_rows(out, "plain torchvision"), _table_rows(out, "`DINOMultiCrop")

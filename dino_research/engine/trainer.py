@@ -32,8 +32,8 @@ from ..modeling import build_ema, build_model
 from ..solver import apply_schedules, build_optimizer, build_schedules, clip_grad_per_param_, total_batch_size
 from ..solver.build import scaled_lr
 from ..utils import comm
-from ..utils.malloc import keep_freed_memory_mapped
 from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
+from ..utils.malloc import keep_freed_memory_mapped
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
 from .health import NonFiniteLossError, collapse_indicators, finite_on_all_ranks, gradient_fault, state_is_finite

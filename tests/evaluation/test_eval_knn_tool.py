@@ -1,7 +1,6 @@
 """tools/eval_knn.py end to end on the Synthetic dataset: a tiny checkpoint, saved features reloaded,
 and the raw-pixel baseline on two gloo workers."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from dino_research.evaluation.features import extract_features, load_features
 from dino_research.evaluation.knn import knn_classifier_multi_k
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
+
+from tool_utils import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,9 +77,7 @@ def test_backbone_features_dumped_reloaded_and_classified(tmp_path, tiny_checkpo
 
     # Rerun from the saved features, with another temperature: no images, no weights. In-process
     # (the tool's own parser and main) to spare a Python start-up; the CLI path is covered above.
-    spec = importlib.util.spec_from_file_location("eval_knn_tool", REPO / "tools" / "eval_knn.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_knn")
     tool.main(tool.build_parser().parse_args(["--load-features", str(dump), *EVAL, "TEST.KNN.TEMPERATURE", "0.5",
                                               "OUTPUT_DIR", str(tmp_path / "rerun")]))
     rerun = json.loads((tmp_path / "rerun" / "knn.json").read_text())

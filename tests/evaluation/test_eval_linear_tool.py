@@ -2,7 +2,6 @@
 (with a finished run resumed) and the fast grid (features dumped, checked, reloaded). The tool runs in
 this process; DDP is tested on the library functions in test_linear.py."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from dino_research.evaluation.linear_fast import FAST_CLASSIFIER
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
 
+from tool_utils import load_tool
+
 REPO = Path(__file__).resolve().parents[2]
 
 EVAL = [
@@ -27,14 +28,7 @@ EVAL = [
 ]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("eval_linear_tool", REPO / "tools" / "eval_linear.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-TOOL = load_tool()
+TOOL = load_tool("eval_linear")
 
 
 def run_tool(output_dir, *args, monkeypatch):

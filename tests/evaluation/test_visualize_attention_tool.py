@@ -1,6 +1,5 @@
 """tools/visualize_attention.py end to end on a tiny checkpoint: files, sizes, figure grid, failures."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from PIL import Image
 
 from dino_research.checkpoint import Checkpointer
 from dino_research.modeling import build_model
+
+from tool_utils import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = str(REPO / "tools" / "visualize_attention.py")
@@ -90,9 +91,7 @@ def test_folder_of_images_resized_by_shorter_side(tmp_path, checkpoint):
 def test_non_vit_backbone_fails_clearly(tmp_path, monkeypatch):
     # In process (a third interpreter start would double this file's run time); default_setup is
     # skipped so the test leaves no log handler behind.
-    spec = importlib.util.spec_from_file_location("visualize_attention", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("visualize_attention")
     monkeypatch.setattr(tool, "default_setup", lambda cfg, args: None)
     _write_image(tmp_path / "scene.png", 32, 32)
     args = tool.parse_args(["--image", str(tmp_path / "scene.png"), "--output", str(tmp_path / "out"),
@@ -106,9 +105,7 @@ def test_non_vit_backbone_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    spec = importlib.util.spec_from_file_location("visualize_attention", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("visualize_attention")
     for argv in (["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--threshold", "1.5"]):
         with pytest.raises(SystemExit) as failure:
             tool.parse_args(["--image", "x.png", *argv])
