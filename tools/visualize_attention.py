@@ -2,14 +2,16 @@
 """Write the last block's self-attention maps of a ViT for an image or a folder of images.
 
     python tools/visualize_attention.py --weights FILE --image PATH_OR_FOLDER [--output DIR]
-        [--image-size H [W]] [--threshold 0.6] [--config FILE] [--checkpoint-key teacher] [KEY VALUE ...]
+        [--image-size H [W]] [--threshold 0.6] [--figure-scale K] [--config FILE] [--checkpoint-key teacher]
+        [KEY VALUE ...]
 
 For every image (a file, or each image directly inside a folder, sorted by name) the tool writes to
 ``OUTPUT/<image stem>/``: ``img.png`` (the resized, cropped image the maps belong to),
 ``attn-head{i}.png`` (head i's [CLS]-to-patch attention, upsampled to the image, viridis colours),
-``mask-head{i}.png`` with ``--threshold t`` > 0 (white: the fewest patches holding a fraction t of
-that head's attention, the paper uses 0.6) and ``figure.png`` (image, mean over heads, every head,
-and the masks). OUTPUT (default OUTPUT_DIR) also gets the config and the log.
+``mask-head{i}.png`` unless ``--threshold`` is 0 (white: the fewest patches holding that fraction of
+the head's attention; the default is the paper's 0.6) and ``figure.png`` (image, mean over heads, every head,
+and the masks; ``--figure-scale K`` draws its panels K times larger). OUTPUT (default OUTPUT_DIR) also
+gets the config and the log.
 
 ``--image-size`` takes H W, or one int for the shorter side; by default images keep their size.
 Either way they are cropped to a multiple of the patch size. The architecture (and so the patch
@@ -80,7 +82,10 @@ def main(args) -> None:
             colorize(maps[i]).save(os.path.join(out, f"attn-head{i}.png"))
             if masks is not None:
                 Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(os.path.join(out, f"mask-head{i}.png"))
-        attention_figure(image, maps, masks).save(os.path.join(out, "figure.png"))
+        k = args.figure_scale  # enlarges the figure only; the per-head PNGs stay at the image's size
+        big = image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
+        attention_figure(big, upsample(maps, k), None if masks is None else upsample(masks, k)).save(
+            os.path.join(out, "figure.png"))
         logger.info("%s: %dx%d, %d heads -> %s", path, *image.size, maps.shape[0], out)
 
 
@@ -90,8 +95,12 @@ def argument_parser():
     parser.add_argument("--output", default="", metavar="DIR", help="output folder (default: OUTPUT_DIR)")
     parser.add_argument("--image-size", nargs="+", default=None, metavar="H [W]",
                         help="resize to H x W, or the shorter side to H (default: keep the size)")
-    parser.add_argument("--threshold", type=float, default=0.0,
-                        help="also write masks keeping this fraction of each head's attention (paper: 0.6; 0: none)")
+    parser.add_argument("--threshold", type=float, default=0.6,
+                        help="also write masks keeping this fraction of each head's attention (default: the "
+                             "paper's 0.6; 0: no masks)")
+    parser.add_argument("--figure-scale", type=int, default=1, metavar="K",
+                        help="draw figure.png's panels K times larger, pixels repeated (e.g. 4 for 28-pixel images, "
+                             "whose labels are cut otherwise)")
     return parser
 
 
@@ -104,6 +113,8 @@ def parse_args(argv=None):
         args.image_size, args.opts = [int(v) for v in args.image_size[:n]], args.image_size[n:] + list(args.opts)
         if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
             parser.error("--image-size takes H W, or one int for the shorter side (positive integers)")
+    if args.figure_scale < 1:
+        parser.error(f"--figure-scale must be a positive integer, got {args.figure_scale}")
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold must be in [0, 1] (0: no masks), got {args.threshold}")
     return args

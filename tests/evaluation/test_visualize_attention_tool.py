@@ -45,8 +45,8 @@ def _size(path):
 def test_one_image_with_masks(tmp_path, checkpoint):
     pixels = _write_image(tmp_path / "scene.png", 45, 70)  # H 45, W 70 -> cropped to 40 x 64 (patch 8)
     out = tmp_path / "out"
-    proc = _run("--weights", checkpoint, "--image", tmp_path / "scene.png", "--output", out, "--threshold", "0.6",
-                "MODEL.DEVICE", "cpu")
+    # No --threshold: the paper's 0.6 is the default.
+    proc = _run("--weights", checkpoint, "--image", tmp_path / "scene.png", "--output", out, "MODEL.DEVICE", "cpu")
     assert proc.returncode == 0, proc.stderr
     folder = out / "scene"
     names = sorted(p.name for p in folder.iterdir())
@@ -66,6 +66,21 @@ def test_one_image_with_masks(tmp_path, checkpoint):
     assert (out / "config.yaml").is_file() and (out / "log.txt").is_file()
 
 
+def test_figure_scale_enlarges_only_the_figure(tmp_path, checkpoint):
+    pixels = _write_image(tmp_path / "scene.png", 45, 70)  # cropped to 40 x 64
+    out = tmp_path / "out"
+    proc = _run("--weights", checkpoint, "--image", tmp_path / "scene.png", "--output", out, "--figure-scale", "3",
+                "MODEL.DEVICE", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    folder, heads, k = out / "scene", 3, 3
+    assert _size(folder / "attn-head0.png") == ((64, 40), "RGB") and _size(folder / "mask-head0.png") == ((64, 40), "L")
+    W, H = 64 * k, 40 * k
+    assert _size(folder / "figure.png") == ((PAD + (2 + heads) * (W + PAD), PAD + 2 * (LABEL + H + PAD)), "RGB")
+    # The "image" panel is the cropped image with every pixel repeated k x k times.
+    panel = np.asarray(Image.open(folder / "figure.png"))[PAD + LABEL:PAD + LABEL + H, PAD:PAD + W]
+    assert np.array_equal(panel, pixels[:40, :64].repeat(k, axis=0).repeat(k, axis=1))
+
+
 def test_folder_of_images_resized_by_shorter_side(tmp_path, checkpoint):
     images = tmp_path / "images"
     images.mkdir()
@@ -74,14 +89,14 @@ def test_folder_of_images_resized_by_shorter_side(tmp_path, checkpoint):
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     # KEY VALUE options right after --image-size must still reach the config.
-    proc = _run("--weights", checkpoint, "--image", images, "--output", out, "--image-size", "48",
+    proc = _run("--weights", checkpoint, "--image", images, "--output", out, "--threshold", "0", "--image-size", "48",
                 "MODEL.DEVICE", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["tall", "wide"]
     # shorter side -> 48, longer side int(48 * long / short), then cropped to multiples of 8
     for stem, (W, H) in {"wide": (72, 48), "tall": (48, 72)}.items():
         folder = out / stem
-        assert not list(folder.glob("mask-*"))  # no --threshold, no masks
+        assert not list(folder.glob("mask-*"))  # --threshold 0: no masks
         assert _size(folder / "img.png") == ((W, H), "RGB")
         assert [_size(folder / f"attn-head{i}.png")[0] for i in range(3)] == [(W, H)] * 3
         assert not (folder / "attn-head3.png").exists()
@@ -106,7 +121,7 @@ def test_non_vit_backbone_fails_clearly(tmp_path, monkeypatch):
 
 def test_bad_arguments_are_refused(tmp_path):
     tool = load_tool("visualize_attention")
-    for argv in (["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--threshold", "1.5"]):
+    for argv in (["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--threshold", "1.5"], ["--figure-scale", "0"]):
         with pytest.raises(SystemExit) as failure:
             tool.parse_args(["--image", "x.png", *argv])
         assert failure.value.code == 2
