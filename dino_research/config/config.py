@@ -12,12 +12,18 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 from typing import Any, Iterable
 
+import yaml
+from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
+from iopath.common.file_io import g_pathmgr
+
+from ..utils.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; the message says why and what is valid."""
 
 
@@ -88,17 +94,60 @@ class CfgNode(_FvcoreCfgNode):
                 raise self._unknown_key_error(full, source)
             self._check_value(full, value, node[name], source)
 
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False, _chain: tuple = ()) -> dict:
+        """The mapping of ``filename`` with its ``_BASE_`` files merged underneath (a list of bases:
+        merged in order), as fvcore does, but every failure is a :class:`ConfigError` naming the file:
+        missing, a folder, not valid YAML (with line and column), empty, not a mapping, a ``_BASE_``
+        that is not a path, a ``_BASE_`` cycle (the chain is listed), a key that is a group in the
+        base but a value here. ``allow_unsafe`` is refused: configs are plain data."""
+        if allow_unsafe:
+            raise ConfigError(f"{filename}: allow_unsafe is not supported; config files are plain YAML data")
+        if any(os.path.abspath(filename) == os.path.abspath(f) for f in _chain) and "://" not in filename:
+            cycle = " -> ".join(list(_chain) + [filename])
+            raise ConfigError(f"_BASE_ cycle: {cycle}. Remove the _BASE_ entry that leads back to a file of the chain.")
+        where = f"{filename} (included as _BASE_ of {_chain[-1]})" if _chain else filename
+        if not g_pathmgr.exists(filename):
+            raise ConfigError(f"config file not found: {where}")
+        if g_pathmgr.isdir(filename):
+            raise ConfigError(f"config file {where} is a folder; give a .yaml file (e.g. configs/dino_vits16.yaml)")
+        try:
+            with g_pathmgr.open(filename, "r") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where} is not valid YAML{at}: {problem}. Config files are 'KEY: value' lines, "
+                              f"nested by indentation with spaces (not tabs).") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not a text file ({e.reason}); give a YAML config") from None
+        if loaded is None:
+            raise ConfigError(f"config file {where} is empty; a config is a mapping of keys such as "
+                              f"'_BASE_: Base-DINO.yaml' and 'SOLVER:\n  EPOCHS: 100'")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: a config file must be a mapping of keys, got {_type_name(loaded)} "
+                              f"{str(loaded)[:60]!r}")
+        if BASE_KEY not in loaded:
+            return loaded
+        bases = loaded.pop(BASE_KEY)
+        bases = bases if isinstance(bases, list) else [bases]
+        merged: dict = {}
+        for base in bases:
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"{where}: _BASE_ must be a file path or a list of them, got {base!r}")
+            base = os.path.expanduser(base)
+            if not (os.path.isabs(base) or "://" in base):  # relative to the including file
+                base = os.path.join(os.path.dirname(filename), base)
+            _merge_into(cls.load_yaml_with_base(base, _chain=_chain + (filename,)), merged, base)
+        _merge_into(loaded, merged, filename)
+        return merged
+
     # ------------------------------------------------------------------ merges
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        """Merge a YAML file (following ``_BASE_``); errors name the file."""
-        try:
-            loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {e.filename or cfg_filename}") from e
-        if loaded is None:
-            return
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{cfg_filename}: a config file must be a mapping of keys, got {_type_name(loaded)}")
+        """Merge a YAML file (following ``_BASE_``); errors name the file (see :meth:`load_yaml_with_base`)."""
+        loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)
         self._check_mapping(loaded, self, "", cfg_filename)
         loaded = type(self)(loaded)
         super().merge_from_other_cfg(loaded)
@@ -109,6 +158,10 @@ class CfgNode(_FvcoreCfgNode):
 
     def merge_from_list(self, cfg_list: list) -> None:
         """Merge ``[KEY, VALUE, KEY, VALUE, ...]`` (command-line overrides)."""
+        options = [str(x) for x in cfg_list if str(x).startswith("--")]
+        if options:
+            raise ConfigError(f"'{options[0]}' among the KEY VALUE overrides looks like an option: options go "
+                              f"before the first override (everything after it is read as KEY VALUE pairs)")
         if len(cfg_list) % 2 != 0:
             raise ConfigError(
                 f"overrides must be KEY VALUE pairs; got an odd number of items: {list(cfg_list)}"
@@ -124,6 +177,18 @@ class CfgNode(_FvcoreCfgNode):
                 raise self._unknown_key_error(full_key, "command-line override")
             self._check_value(full_key, raw, node[parts[-1]], "command-line override")
         super().merge_from_list(cfg_list)
+
+
+def _merge_into(incoming: dict, base: dict, source: str, prefix: str = "") -> None:
+    """Merge mapping ``incoming`` over ``base`` in place (nested mappings merged key by key)."""
+    for key, value in incoming.items():
+        if isinstance(value, dict) and key in base:
+            if not isinstance(base[key], dict):
+                raise ConfigError(f"{source}: '{prefix}{key}' is a group of keys here but a value "
+                                  f"({base[key]!r}) in its _BASE_")
+            _merge_into(value, base[key], source, f"{prefix}{key}.")
+        else:
+            base[key] = value
 
 
 def get_cfg() -> CfgNode:

@@ -15,6 +15,7 @@ from ..config import CfgNode, check_config, get_cfg
 from ..config.imports import import_components
 from ..utils import comm
 from ..utils.logger import setup_logger
+from ..utils.run_lock import check_output_dir
 from ..utils.slurm import add_slurm_arguments
 
 logger = logging.getLogger("dino_research")
@@ -33,6 +34,9 @@ def default_argument_parser(description: str = "dino_research") -> argparse.Argu
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0-based)")
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0, or 'auto' on one machine")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of user errors (bad config, file, folder) too; also "
+                             "DINO_RESEARCH_DEBUG=1")
     parser.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                         help="a collective waiting this long for another process (dead or hung) fails the run "
                              "instead of hanging; must exceed the slowest checkpoint write (default 30)")
@@ -92,21 +96,26 @@ def resolve_device(cfg) -> torch.device:
     raise ValueError(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} is not one of: auto, cpu, cuda")
 
 
-def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None) -> None:
+def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None,
+                  config_file: str | None = "config.yaml") -> None:
     """Per-process set-up: output folder, logs (per rank), environment summary, seeds, config dump.
 
     Every rank seeds ``SEED + rank`` (so drop path differs across ranks, as independent GPUs would);
-    the main process writes the merged config to ``OUTPUT_DIR/config.yaml``.
+    the main process writes the merged config to ``OUTPUT_DIR/config_file`` (None: not written; the
+    trainer writes ``config.yaml`` itself once a resume was checked against the checkpoint's config).
+
+    Raises:
+        UserError: ``OUTPUT_DIR`` is a file or not writable (before anything is written).
     """
     rank = comm.get_rank()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    check_output_dir(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR, rank=rank)
     logger.info("rank %d of %d; torch %s; python %s; %d CPU threads", rank, comm.get_world_size(), torch.__version__,
                 sys.version.split()[0], torch.get_num_threads())
     if args is not None:
         logger.info("command line: %s", " ".join(sys.argv))
-    if comm.is_main_process():
-        path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if comm.is_main_process() and config_file:
+        path = os.path.join(cfg.OUTPUT_DIR, config_file)
         with open(path, "w") as f:
             f.write(cfg.dump())
         logger.info("full config written to %s", path)

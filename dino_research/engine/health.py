@@ -15,12 +15,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..utils.errors import UserError
+
 logger = logging.getLogger("dino_research")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or the gradients became NaN or infinite (more often than ``SOLVER.SKIP_NONFINITE``
-    allows); raised before the optimizer step, so neither the weights nor any checkpoint is corrupted."""
+    allows); raised before the optimizer step, so neither the weights nor any checkpoint is corrupted.
+    A :class:`UserError`: its message names the iteration, the last good checkpoint and the fixes,
+    which is all a traceback would add."""
 
 
 def finite_on_all_ranks(value: float, world_size: int, device: torch.device) -> bool:

@@ -55,11 +55,13 @@ class PeriodicCheckpointer(HookBase):
 
 
 class TeacherExporter(HookBase):
-    """At the end of training, write the teacher backbone in the official DINO backbone format."""
+    """At the end of a completed training run, write the teacher backbone in the official DINO backbone
+    format (not after a failure or a stop)."""
 
     def after_train(self) -> None:
         t = self.trainer
-        if t.iter + 1 >= t.max_iter and comm.is_main_process():
+        # Only a run that finished: after a failure at the last iteration nothing is exported as done.
+        if getattr(t, "completed", False) and comm.is_main_process():
             path = os.path.join(t.cfg.OUTPUT_DIR, TEACHER_BACKBONE)
             export_backbone(t.model.teacher.backbone, path)
             logger.info("teacher backbone exported (official DINO format) to %s", path)

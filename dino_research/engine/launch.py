@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..utils.errors import report_user_errors
+
 logger = logging.getLogger(__name__)
 
 # Long enough for a slow checkpoint write on a busy file system, short enough that a dead peer
@@ -134,7 +136,10 @@ def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, n
     dist.init_process_group(backend=default_backend(), init_method=dist_url, world_size=world_size,
                             rank=global_rank, timeout=timeout)
     try:
-        main_func(*args)
+        # A user error ends this worker with one message (rank 0 prints it) and USER_ERROR_EXIT, which
+        # the launcher recognises; anything else keeps its traceback.
+        with report_user_errors(rank=global_rank):
+            main_func(*args)
     finally:
         dist.destroy_process_group()
 

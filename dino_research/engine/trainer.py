@@ -25,7 +25,7 @@ from ..checkpoint import (
     load_pretrained,
     restore_rng_state,
 )
-from ..config import check_amp, check_config, check_world_size
+from ..config import ConfigError, check_amp, check_config, check_world_size
 from ..data import build_augmentation, build_dataset, fixed_subset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_ema, build_model
@@ -38,6 +38,7 @@ from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
 from .health import NonFiniteLossError, collapse_indicators, finite_on_all_ranks, gradient_fault, state_is_finite
 from .preemption import TrainingStopped, stop_requested
+from .resume_check import check_resume, check_state_shapes, write_run_config
 
 logger = logging.getLogger("dino_research")
 
@@ -88,10 +89,12 @@ class DINOTrainer:
         batches_per_rank = len(dataset) // (cfg.SOLVER.BATCH_SIZE_PER_GPU * self.world_size)
         self.iters_per_epoch = batches_per_rank // self.accumulate
         if self.iters_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {cfg.DATASETS.TRAIN} at {cfg.DATASETS.TRAIN_ROOT!r} has {len(dataset)} images, fewer "
                 f"than one optimizer step needs ({total_batch_size(cfg, self.world_size)} = "
-                f"SOLVER.BATCH_SIZE_PER_GPU x world size x SOLVER.ACCUMULATE_STEPS)"
+                f"SOLVER.BATCH_SIZE_PER_GPU {cfg.SOLVER.BATCH_SIZE_PER_GPU} x {self.world_size} process(es) x "
+                f"SOLVER.ACCUMULATE_STEPS {self.accumulate}); lower SOLVER.BATCH_SIZE_PER_GPU to at most "
+                f"{max(1, len(dataset) // (self.world_size * self.accumulate))} or use more images"
             )
         self.loader = build_pretrain_loader(cfg, dataset, rank=self.rank, world_size=self.world_size,
                                             batches_per_epoch=self.iters_per_epoch * self.accumulate)
@@ -126,6 +129,9 @@ class DINOTrainer:
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, self.model, self.optimizer, self.scaler,
                                          is_main=comm.is_main_process())
         self.start_iter = self.iter = 0
+        # True once train() ran its last iteration without an exception: hooks that report a finished
+        # run (the teacher export) check it, so nothing is reported done after a failure.
+        self.completed = False
         self.last_saved, self._last_saved_iter = None, None
         # Fault counters, kept across resumes: non-finite steps skipped (SOLVER.SKIP_NONFINITE) and
         # unreadable images replaced by this rank's loader (DATALOADER.STRICT False).
@@ -164,17 +170,28 @@ class DINOTrainer:
             hook.trainer = self
         self.hooks.extend(hooks)
 
-    def resume_or_load(self, resume: bool = True) -> None:
+    def resume_or_load(self, resume: bool = True, allow_config_change: bool = False) -> None:
         """Resume from the newest readable checkpoint of ``OUTPUT_DIR`` (``last_checkpoint.pth``, else the
         newest snapshot) when there is one and ``resume``; else initialize from ``MODEL.WEIGHTS`` if set.
+        Then write ``OUTPUT_DIR/config.yaml`` (main process; see :func:`write_run_config`).
+
+        The checkpoint's config is compared with this one first (``engine/resume_check.py``): keys that
+        change what the saved state means are refused, recipe keys too unless ``allow_config_change``,
+        and the allowed changes (more epochs, logging, evaluation) are logged.
 
         Raises:
             CheckpointError: ``OUTPUT_DIR`` holds checkpoints but none is readable (never silently
                 restarts from scratch over existing work).
+            ResumeConfigError: the config differs from the checkpoint's in a refused key.
         """
         found = self._find_resumable() if resume else None
         if found is not None:
             path, data = found
+            for line in check_resume(self.cfg, data, path, iters_per_epoch=self.iters_per_epoch,
+                                     total_batch=total_batch_size(self.cfg, self.world_size),
+                                     world_size=self.world_size, allow_recipe_change=allow_config_change):
+                logger.warning("resuming with a changed config: %s", line)
+            check_state_shapes(self.model.state_dict(), data["model"], path)
             self.checkpointer.restore(data)
             self.start_iter = int(data["iteration"])
             rng = data.get("rng", [])
@@ -190,9 +207,14 @@ class DINOTrainer:
             logger.info("resumed from %s at iteration %d (epoch %d)", path, self.start_iter,
                         self.start_iter // self.iters_per_epoch)
         elif self.cfg.MODEL.WEIGHTS:
-            found = load_pretrained(self.model, self.cfg.MODEL.WEIGHTS)
+            found = load_pretrained(self.model, self.cfg.MODEL.WEIGHTS, partial=self.cfg.MODEL.WEIGHTS_PARTIAL)
             logger.info("initialized from %s (%s format)", self.cfg.MODEL.WEIGHTS, found)
         self.iter = self.start_iter
+        if self.start_iter >= self.max_iter:
+            logger.info("the checkpoint is at iteration %d of %d: training is complete, nothing to do "
+                        "(raise SOLVER.EPOCHS to train longer)", self.start_iter, self.max_iter)
+        if comm.is_main_process():
+            write_run_config(self.cfg, self.start_iter)
 
     def _find_resumable(self):
         """``(path, checkpoint)`` to resume from, or None; the main process decides for every rank."""
@@ -235,7 +257,8 @@ class DINOTrainer:
         self.checkpointer.save(filename, iteration=next_iter, rng=[g[0] for g in gathered],
                                skipped_images=[g[1] for g in gathered],
                                nonfinite_skipped=self.nonfinite_skipped, config=self.cfg.dump(),
-                               iters_per_epoch=self.iters_per_epoch)
+                               iters_per_epoch=self.iters_per_epoch, world_size=self.world_size,
+                               total_batch=total_batch_size(self.cfg, self.world_size))
         if filename == LAST_CHECKPOINT:
             self.last_saved, self._last_saved_iter = self.checkpointer.last_path, next_iter
         comm.synchronize()
@@ -254,6 +277,7 @@ class DINOTrainer:
                     for hook in self.hooks:
                         hook.after_step()
                     self._stop_if_requested()
+                self.completed = True
             except (TrainingStopped, NonFiniteLossError):
                 raise  # explained where raised
             except Exception as e:

@@ -261,21 +261,31 @@ def main_or_submit(main: Callable, args: argparse.Namespace, launch_kwargs: Opti
     """Entry point of every tool: submit when asked, else run locally through ``launch``.
 
     The config (``--config`` and overrides) is checked first, in this process: a bad key or value
-    exits with its message before any job is submitted or any worker is spawned.
+    exits with its message before any job is submitted or any worker is spawned. A user error
+    (:class:`~dino_research.utils.errors.UserError`: config, file, folder, lock) anywhere in the tool,
+    in this process or in a spawned worker, ends it with one message on stderr (and in the log file)
+    and exit status 2; ``--debug`` / ``DINO_RESEARCH_DEBUG=1`` shows the traceback. Bugs keep theirs.
     """
-    from ..config import ConfigError
+    from torch.multiprocessing import ProcessExitedException
+
     from ..engine.defaults import load_config
     from ..engine.launch import launch
+    from .errors import DEBUG_ENV, USER_ERROR_EXIT, report_user_errors
 
-    if hasattr(args, "config_file") and hasattr(args, "opts"):
-        try:
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"  # inherited by spawned workers
+    with report_user_errors():
+        if hasattr(args, "config_file") and hasattr(args, "opts"):
             load_config(args.config_file, args.opts)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
-    if submit_if_requested(args, main):
-        return
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), timeout=dist_timeout(args), **(launch_kwargs or {}))
+        if submit_if_requested(args, main):
+            return
+        try:
+            launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,), timeout=dist_timeout(args), **(launch_kwargs or {}))
+        except ProcessExitedException as e:
+            if e.exit_code == USER_ERROR_EXIT:  # the worker printed its message already
+                raise SystemExit(USER_ERROR_EXIT) from None
+            raise
 
 
 def dist_timeout(args: argparse.Namespace) -> datetime.timedelta:
