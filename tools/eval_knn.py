@@ -10,7 +10,10 @@
 Features of TEST.TRAIN_ROOT and TEST.VAL_ROOT (dataset TEST.DATASET, eval transform TEST.RESIZE_SIZE /
 TEST.CROP_SIZE) are extracted on every process, then the main process classifies the validation set
 for every k of TEST.KNN.K with temperature TEST.KNN.TEMPERATURE, logs a table and writes
-OUTPUT_DIR/knn.json.
+OUTPUT_DIR/knn.json. Both splits are labelled with the training split's class index (see
+TEST.UNKNOWN_VAL_CLASSES). A k larger than the memory bank is scored with every bank image: its row
+says so ("k=200 > 50 training images: all 50 used") and knn.json's "effective_k" maps each k to the
+number of neighbours that voted.
 """
 
 import json
@@ -19,10 +22,11 @@ import os
 
 import torch.nn as nn
 
-from dino_research.data import build_dataset, build_eval_transform
+from dino_research.data import build_eval_transform
+from dino_research.data.eval_transforms import build_eval_datasets
 from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
 from dino_research.evaluation.features import extract_features, load_features, save_features
-from dino_research.evaluation.knn import knn_classifier_multi_k
+from dino_research.evaluation.knn import effective_k, k_note, knn_classifier_multi_k
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
 from dino_research.utils import comm
@@ -62,8 +66,7 @@ def compute_features(cfg, args):
     backbone.to(device)
     transform = build_eval_transform(cfg)
     splits = {}
-    for split, root, train in (("train", cfg.TEST.TRAIN_ROOT, True), ("val", cfg.TEST.VAL_ROOT, False)):
-        dataset = build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
+    for split, dataset in zip(("train", "val"), build_eval_datasets(cfg, transform, transform)):
         logger.info("%s split: %s (%d images)", split, dataset, len(dataset))
         splits[split] = extract_features(backbone, dataset, batch_size=cfg.TEST.BATCH_SIZE, device=device,
                                          num_workers=cfg.DATALOADER.NUM_WORKERS)
@@ -87,9 +90,11 @@ def main(args) -> None:
               else f"loaded from {args.load_features}" if args.load_features else "backbone")
     logger.info("weighted k-NN (T=%g), %d train / %d test %s features:", temperature,
                 train_feats.shape[0], test_feats.shape[0], source)
-    logger.info("| %5s | %7s | %7s |", "k", "top-1", "top-5")
+    n_train = int(train_feats.shape[0])
+    notes = {k: k_note(k, n_train) for k in results}
+    logger.info("| %5s | %7s | %7s | %s", "k", "top-1", "top-5", "note")
     for k, (top1, top5) in results.items():
-        logger.info("| %5d | %7.2f | %7.2f |", k, top1, top5)
+        logger.info("| %5d | %7.2f | %7.2f | %s", k, top1, top5, notes[k])
     summary = {
         "weights": "" if args.pixels or args.random_init else (args.weights or cfg.MODEL.WEIGHTS),
         "checkpoint_key": args.checkpoint_key,
@@ -98,6 +103,9 @@ def main(args) -> None:
         "num_test": int(test_feats.shape[0]),
         "temperature": temperature,
         "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()},
+        # the neighbours that voted for each k: fewer than k when the bank is smaller than k
+        "effective_k": {str(k): effective_k(k, n_train) for k in results},
+        "notes": {str(k): note for k, note in notes.items() if note},
     }
     path = os.path.join(cfg.OUTPUT_DIR, "knn.json")
     with open(path, "w") as f:

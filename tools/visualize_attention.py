@@ -2,7 +2,7 @@
 """Write the last block's self-attention maps of a ViT for an image or a folder of images.
 
     python tools/visualize_attention.py --weights FILE --image PATH_OR_FOLDER [--output DIR]
-        [--image-size H [W]] [--threshold 0.6] [--figure-scale K] [--config FILE] [--checkpoint-key teacher]
+        [--image-size H [W]] [--max-size 1024] [--threshold 0.6] [--figure-scale K] [--config FILE] [--checkpoint-key teacher]
         [KEY VALUE ...]
 
 For every image (a file, or each image directly inside a folder, sorted by name) the tool writes to
@@ -14,8 +14,15 @@ and the masks; ``--figure-scale K`` draws its panels K times larger). OUTPUT (de
 gets the config and the log.
 
 ``--image-size`` takes H W, or one int for the shorter side; by default images keep their size.
-Either way they are cropped to a multiple of the patch size. The architecture (and so the patch
-size) comes from the checkpoint when it stores a config, else from --config and KEY VALUE options.
+Then ``--max-size`` (default 1024) caps the longer side, aspect ratio kept, and the log says so: the
+attention costs heads x (1 + H*W/p^2)^2 floats, so a 12-megapixel photo would ask for tens of GB
+(raise the cap to keep more detail, 0 removes it). Either way images are cropped to a multiple of the
+patch size, and turned upright by their EXIF orientation unless ``INPUT.EXIF_TRANSPOSE False``. The
+architecture (and so the patch size) comes from the checkpoint when it stores a config, else from
+--config and KEY VALUE options.
+
+An image that cannot be drawn (unreadable, smaller than a patch) is reported by name and skipped;
+the summary counts them. The exit status is non-zero only when no image at all could be drawn.
 """
 
 import logging
@@ -23,7 +30,7 @@ import os
 
 from PIL import Image
 
-from dino_research.data.datasets import IMAGE_EXTENSIONS, load_image
+from dino_research.data.datasets import IMAGE_EXTENSIONS, UnreadableImageError, load_image
 from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
 from dino_research.evaluation import load_backbone
 from dino_research.evaluation.attention import (
@@ -31,12 +38,18 @@ from dino_research.evaluation.attention import (
     check_attention_backbone,
     colorize,
     last_self_attention_maps,
+    limit_size,
     prepare_image,
+    resize_image,
     threshold_masks,
     upsample,
 )
 
 logger = logging.getLogger("dino_research")
+
+# Default cap of the longer image side, in pixels (--max-size): ViT-S/16 attention over 1024x768 pixels
+# holds ~0.23 GB per block, what a laptop or a small GPU affords; ViT-S/8 needs 16x that.
+DEFAULT_MAX_SIZE = 1024
 
 
 def image_paths(path: str) -> list:
@@ -69,24 +82,56 @@ def main(args) -> None:
         raise SystemExit(str(e))
     device = resolve_device(cfg)
     backbone.to(device)
-    p = backbone.patch_size
+    skipped = []  # (path, reason)
     for path in paths:
-        image, tensor = prepare_image(load_image(path), p, cfg.INPUT.MEAN, cfg.INPUT.STD, args.image_size)
-        grid = last_self_attention_maps(backbone, tensor.to(device))[0].cpu()  # (heads, H/p, W/p)
-        maps = upsample(grid, p)  # (heads, H, W)
-        masks = upsample(threshold_masks(grid, args.threshold), p) if args.threshold > 0 else None
-        out = os.path.join(cfg.OUTPUT_DIR, os.path.splitext(os.path.basename(path))[0])
-        os.makedirs(out, exist_ok=True)
-        image.save(os.path.join(out, "img.png"))
-        for i in range(maps.shape[0]):
-            colorize(maps[i]).save(os.path.join(out, f"attn-head{i}.png"))
-            if masks is not None:
-                Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(os.path.join(out, f"mask-head{i}.png"))
-        k = args.figure_scale  # enlarges the figure only; the per-head PNGs stay at the image's size
-        big = image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
-        attention_figure(big, upsample(maps, k), None if masks is None else upsample(masks, k)).save(
-            os.path.join(out, "figure.png"))
-        logger.info("%s: %dx%d, %d heads -> %s", path, *image.size, maps.shape[0], out)
+        try:
+            image = load_image(path, cfg.INPUT.EXIF_TRANSPOSE)
+            drawable = sized_image(image, path, args)
+            draw(backbone, drawable, path, cfg, args, device)
+        except (UnreadableImageError, ValueError) as e:  # unreadable file; image smaller than a patch
+            logger.warning("%s: skipped, %s", path, e)
+            skipped.append((path, str(e)))
+            continue
+    drawn = len(paths) - len(skipped)
+    summary = f"attention maps of {drawn} of {len(paths)} image(s) written to {cfg.OUTPUT_DIR}"
+    if skipped:
+        summary += f"; {len(skipped)} skipped: " + ", ".join(os.path.basename(p) for p, _ in skipped)
+    if drawn == 0:
+        raise SystemExit(f"no image could be drawn ({summary}): " + "; ".join(f"{p}: {r}" for p, r in skipped))
+    (logger.warning if skipped else logger.info)("%s", summary)
+
+
+def sized_image(image, path: str, args):
+    """``image`` resized by ``--image-size``, then capped by ``--max-size``, logging the cap when it acts."""
+    sized = resize_image(image, args.image_size)
+    capped = limit_size(sized, args.max_size)
+    if capped.size != sized.size:
+        after = f" ({sized.width}x{sized.height} after --image-size)" if sized is not image else ""
+        logger.info("%s is %dx%d%s: resized to %dx%d (--max-size %d; raise it to keep more detail)",
+                    path, image.width, image.height, after, capped.width, capped.height, args.max_size)
+    return capped
+
+
+def draw(backbone, picture, path: str, cfg, args, device) -> str:
+    """Write the maps, masks and figure of one image (already sized) to OUTPUT/<stem>/; returns that folder."""
+    p = backbone.patch_size
+    image, tensor = prepare_image(picture, p, cfg.INPUT.MEAN, cfg.INPUT.STD)  # crop to a patch multiple
+    grid = last_self_attention_maps(backbone, tensor.to(device))[0].cpu()  # (heads, H/p, W/p)
+    maps = upsample(grid, p)  # (heads, H, W)
+    masks = upsample(threshold_masks(grid, args.threshold), p) if args.threshold > 0 else None
+    out = os.path.join(cfg.OUTPUT_DIR, os.path.splitext(os.path.basename(path))[0])
+    os.makedirs(out, exist_ok=True)
+    image.save(os.path.join(out, "img.png"))
+    for i in range(maps.shape[0]):
+        colorize(maps[i]).save(os.path.join(out, f"attn-head{i}.png"))
+        if masks is not None:
+            Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(os.path.join(out, f"mask-head{i}.png"))
+    k = args.figure_scale  # enlarges the figure only; the per-head PNGs stay at the image's size
+    big = image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
+    attention_figure(big, upsample(maps, k), None if masks is None else upsample(masks, k)).save(
+        os.path.join(out, "figure.png"))
+    logger.info("%s: %dx%d, %d heads -> %s", path, *image.size, maps.shape[0], out)
+    return out
 
 
 def argument_parser():
@@ -95,6 +140,10 @@ def argument_parser():
     parser.add_argument("--output", default="", metavar="DIR", help="output folder (default: OUTPUT_DIR)")
     parser.add_argument("--image-size", nargs="+", default=None, metavar="H [W]",
                         help="resize to H x W, or the shorter side to H (default: keep the size)")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, metavar="PIXELS",
+                        help=f"shrink images whose longer side exceeds PIXELS (after --image-size; default "
+                             f"{DEFAULT_MAX_SIZE}; 0: never). Attention memory grows with the square of the pixel "
+                             f"count: 1024x768 at patch 16 needs ~0.23 GB for ViT-S, 4000x3000 ~53 GB")
     parser.add_argument("--threshold", type=float, default=0.6,
                         help="also write masks keeping this fraction of each head's attention (default: the "
                              "paper's 0.6; 0: no masks)")
@@ -113,6 +162,8 @@ def parse_args(argv=None):
         args.image_size, args.opts = [int(v) for v in args.image_size[:n]], args.image_size[n:] + list(args.opts)
         if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
             parser.error("--image-size takes H W, or one int for the shorter side (positive integers)")
+    if args.max_size < 0:
+        parser.error(f"--max-size must be a number of pixels, or 0 for no limit, got {args.max_size}")
     if args.figure_scale < 1:
         parser.error(f"--figure-scale must be a positive integer, got {args.figure_scale}")
     if not 0 <= args.threshold <= 1:

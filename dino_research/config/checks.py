@@ -232,7 +232,10 @@ def _check_names(p: _Problems, cfg) -> None:
                 "before the config is loaded)")
     choices = (("SOLVER.OPTIMIZER", OPTIMIZERS, cfg.SOLVER.OPTIMIZER.lower()),
                ("SOLVER.AMP.DTYPE", AMP_DTYPES, cfg.SOLVER.AMP.DTYPE),
-               ("MODEL.DEVICE", DEVICES, cfg.MODEL.DEVICE))
+               ("MODEL.DEVICE", DEVICES, cfg.MODEL.DEVICE),
+               # owned by ImageFolder, which reads it (through build_eval_datasets)
+               ("TEST.UNKNOWN_VAL_CLASSES", dino_research.data.datasets.UNKNOWN_CLASS_POLICIES,
+                cfg.TEST.UNKNOWN_VAL_CLASSES))
     for key, allowed, value in choices:
         if value not in allowed:
             p.add(key, f"not one of: {', '.join(allowed)}", f"one of them, e.g. {_override(key, allowed[0])}")

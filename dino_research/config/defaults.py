@@ -24,13 +24,19 @@ _C.MODEL.META_ARCHITECTURE = "DINO"
 # Path (local or iopath URI) of weights to initialize from; "" trains from scratch. Nothing is ever
 # downloaded: hub names are not accepted here.
 _C.MODEL.WEIGHTS = ""
+# Accept a MODEL.WEIGHTS file that fits the model only partly (another depth, blocks missing, extra
+# keys): the weights that fit are loaded, the others keep their initialization, and every missing and
+# unexpected key is logged. False: such a file is an error naming the keys. Shapes must always fit; a
+# file without head weights is never partial (the heads keep their initialization).
+_C.MODEL.WEIGHTS_PARTIAL = False
 # Where to train: "auto" (the local CUDA device of this process if there is one, else the CPU),
 # "cpu" or "cuda".
 _C.MODEL.DEVICE = "auto"
 
 _C.MODEL.BACKBONE = CN()
 # BACKBONE_REGISTRY name: vit_tiny, vit_small, vit_base (DINO's ViTs on timm), resnet50
-# (torchvision, classifier removed) or timm (any timm model, named by TIMM_MODEL).
+# (torchvision, classifier removed), cifar_resnet (a ResNet for 28-64 pixel images) or timm (any
+# timm model, named by TIMM_MODEL).
 _C.MODEL.BACKBONE.NAME = "vit_small"
 # ViT patch size in pixels: 16 or 8 for the paper's models (8 costs ~4x the compute of 16).
 _C.MODEL.BACKBONE.PATCH_SIZE = 16
@@ -38,7 +44,11 @@ _C.MODEL.BACKBONE.PATCH_SIZE = 16
 _C.MODEL.BACKBONE.DROP_PATH_RATE = 0.1
 # Number of transformer blocks of the ViTs; 0 keeps the architecture's 12. Shallower ViTs are for
 # quick experiments on small images (the CPU Fashion-MNIST config uses 4); not a paper setting.
+# For cifar_resnet: the ResNet depth, 18, 34 or 50 (0 means 18).
 _C.MODEL.BACKBONE.DEPTH = 0
+# Base width (channels of the stem and first stage) of cifar_resnet, the CIFAR-style ResNet for
+# small images (3x3 stride-1 stem, no max-pool): 64 as the original ResNet; 32 costs ~1/4 of it.
+_C.MODEL.BACKBONE.RESNET_WIDTH = 64
 # timm model name used when NAME is "timm" (e.g. "convnext_tiny", "xcit_small_12_p16_224").
 # Built with pretrained=False: weights only come from MODEL.WEIGHTS.
 _C.MODEL.BACKBONE.TIMM_MODEL = ""
@@ -125,6 +135,12 @@ _C.INPUT.SOLARIZE_THRESHOLD = 128
 # Per-channel normalization, RGB order, 0-1 scale (ImageNet statistics, as the paper).
 _C.INPUT.MEAN = (0.485, 0.456, 0.406)
 _C.INPUT.STD = (0.229, 0.224, 0.225)
+# Turn every decoded image file upright by its EXIF Orientation tag, as image viewers do (every dataset
+# that reads files: ImageFolder, FileList, for pretraining and evaluation; tools/visualize_attention.py).
+# Cameras and phones store the pixels as the sensor read them and record the rotation in this tag, so
+# without it a portrait photo is read lying on its side. False reads the pixels as stored, as
+# torchvision's loader (and so the reference implementation) does: to reproduce its inputs exactly.
+_C.INPUT.EXIF_TRANSPOSE = True
 
 # ---------------------------------------------------------------------------------------------------
 # Datasets and loading
@@ -216,6 +232,11 @@ _C.TEST.DATASET = "ImageFolder"
 _C.TEST.TRAIN_ROOT = "datasets/imagenet/train"
 # Root of the labelled evaluation split (for FashionMNIST, the split is chosen by the dataset).
 _C.TEST.VAL_ROOT = "datasets/imagenet/val"
+# ImageFolder: the evaluation split is labelled with the training split's class index (label i is the
+# same class in both; a class the evaluation split lacks is fine). A class folder of TEST.VAL_ROOT that
+# TEST.TRAIN_ROOT does not have: "error" (stop, naming the class and both roots: its images have no
+# label a k-NN or a linear probe could predict) or "ignore" (drop its images, with a warning).
+_C.TEST.UNKNOWN_VAL_CLASSES = "error"
 # Shorter side, in pixels, images are resized to before the center crop (paper: 256 for 224).
 _C.TEST.RESIZE_SIZE = 256
 # Side of the center crop fed to the backbone (paper: 224).

@@ -5,154 +5,86 @@ int (-1 where there is none). Files are read through iopath's ``g_pathmgr``, so 
 path or any URI a registered iopath handler understands. Construction checks that the data exist and
 raises ``ValueError`` naming ``root`` otherwise; nothing is ever downloaded. Files are opened only when
 read: one that cannot be read then raises :class:`UnreadableImageError` (the pretraining loader skips
-or stops on it, see ``DATALOADER.STRICT``).
+or stops on it, see ``DATALOADER.STRICT``). Decoded files are turned upright by their EXIF orientation
+unless ``INPUT.EXIF_TRANSPOSE`` is False. Decoding lives in ``images.py``, folder walking (image names,
+links) in ``folders.py``; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from iopath.common.file_io import g_pathmgr
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..config import configurable
 from .build import DATASET_REGISTRY
+from .folders import IMAGE_EXTENSIONS, is_image_name, join, list_images, real_dir_key
+from .images import UnreadableImageError, apply_exif_orientation, load_image, to_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FileList",
     "ImageFolder",
     "Synthetic",
+    "UNKNOWN_CLASS_POLICIES",
     "UnreadableImageError",
+    "apply_exif_orientation",
     "load_image",
     "to_rgb",
 ]
 
-# File extensions taken as images (compared lower-case).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-# --------------------------------------------------------------------------------------- decoding
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Return ``image`` as an 8-bit RGB ``PIL.Image`` (the same object when it already is one).
-
-    - 16-bit grayscale (``I;16*``, and ``I``, which Pillow uses for 16-bit PNG/TIFF data) is scaled
-      to 8 bits as ``round(v / 257)`` (0 -> 0, 65535 -> 255); Pillow's own conversion clips every
-      value above 255 to white. ``I`` values outside [0, 65535] are clipped first.
-    - Palette images with a transparency entry go through RGBA (same colors, no Pillow warning).
-    - Everything else (L, LA, P, RGBA, CMYK, YCbCr, 1, F...) uses Pillow's ``convert("RGB")``: alpha
-      is dropped, not composited, as torchvision's loader does.
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL.Image, got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64)
-        values = (np.clip(values, 0, 65535) + 128) // 257  # integer round(v / 257)
-        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-class UnreadableImageError(OSError):
-    """An image file that cannot be opened, decoded or converted to RGB (missing, truncated, not an
-    image, over Pillow's decompression-bomb limit...). Message: ``cannot read image {path!r}: {reason}``,
-    followed by ``hint`` when one is given.
-
-    An ``OSError``, so code that caught ``load_image``'s ``OSError`` before still catches it.
-
-    Attributes:
-        path (str): the file, as given to :func:`load_image`.
-        reason (str): what failed, e.g. ``"OSError: image file is truncated (150 bytes not processed)"``.
-        hint (str): what to do about it ("" when none); not part of ``reason``.
-    """
-
-    def __init__(self, path: str, reason: str, hint: str = ""):
-        message = f"cannot read image {path!r}: {reason}"
-        super().__init__(f"{message}. {hint}" if hint else message)
-        self.path, self.reason, self.hint = path, reason, hint
-
-    def __reduce__(self):  # OSError pickles its message alone; rebuild from the fields instead
-        return type(self), (self.path, self.reason, self.hint)
-
-
-def load_image(path: str) -> Image.Image:
-    """Read the image at ``path`` (local or iopath URI), fully decoded, as RGB (see :func:`to_rgb`).
-
-    Raises:
-        UnreadableImageError: naming ``path``, for any failure to open, decode or convert the file.
-    """
-    try:
-        with g_pathmgr.open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode while the file is open: PIL reads lazily
-        return to_rgb(image)
-    except Image.DecompressionBombError as e:  # not an OSError: raised by Image.open before decoding
-        raise UnreadableImageError(
-            path,
-            f"DecompressionBombError: {e} Pillow refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS "
-            f"(= 2 x {Image.MAX_IMAGE_PIXELS}) pixels; raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine",
-        ) from e
-    except UnidentifiedImageError as e:  # Pillow's message only repeats the path (as a file object)
-        raise UnreadableImageError(
-            path, "UnidentifiedImageError: Pillow cannot identify it as an image (empty, not an image, corrupt header?)"
-        ) from e
-    except Exception as e:
-        # Pillow signals broken files with many types besides OSError: SyntaxError (PNG chunks),
-        # ValueError (short headers), EOFError, struct.error, MemoryError... Exception, not
-        # BaseException: KeyboardInterrupt and SystemExit pass.
-        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _join(folder: str, name: str) -> str:
-    return folder.rstrip("/") + "/" + name if "://" in folder else os.path.join(folder, name)
-
-
-def _list_images(folder: str) -> list[str]:
-    """Image files under ``folder``, recursively, sorted by name at every level; hidden entries skipped.
-
-    A name with an image extension is taken as a file without a stat call (listing ImageNet costs
-    one ``ls`` per folder, not 1.28M stats); only other names are checked for being folders.
-    """
-    found = []
-    for name in sorted(g_pathmgr.ls(folder)):
-        if name.startswith("."):
-            continue
-        path = _join(folder, name)
-        if _is_image_name(name):
-            found.append(path)
-        elif g_pathmgr.isdir(path):
-            found.extend(_list_images(path))
-    return found
+logger = logging.getLogger("dino_research")
 
 
 # ---------------------------------------------------------------------------------------- datasets
+# What ImageFolder does with class folders absent from the class index it is given (TEST.UNKNOWN_VAL_CLASSES).
+UNKNOWN_CLASS_POLICIES = ("error", "ignore")
+
+
 @DATASET_REGISTRY.register()
 class ImageFolder(Dataset):
-    """``root/<class>/**/<image>``: one sub-folder per class, labels by sorted class name.
+    """``root/<class>/**/<image>``: one sub-folder per class, labels by sorted class name or by a given
+    class index.
 
     Class folders and files are sorted, so labels and order are the same on every machine. Hidden
-    entries (names starting with ".") are skipped. ``train`` selects nothing: ``root`` is the split.
+    entries (names starting with ".") are skipped. Links are followed, each real folder read once
+    (:func:`~dino_research.data.folders.list_images`; a link from one class into another class's
+    folder is not followed). ``train`` selects nothing: ``root`` is the split.
+
+    Two splits must share one class index: numbered separately, a class missing from one split
+    shifts every later label of that split. Build the second with the first one's ``classes``
+    (:func:`~dino_research.data.eval_transforms.build_eval_datasets` does so for k-NN and the linear
+    probe): label ``i`` is then ``classes[i]``, and a class of ``classes`` with no folder in ``root``
+    simply has no image here.
+
+    Args:
+        root: the split's folder, local path or iopath URI.
+        transform: applied to each RGB ``PIL.Image``; None returns the image.
+        classes: the class index (names; label ``i`` is ``classes[i]``). None: the class folders of
+            ``root``, sorted.
+        unknown_classes: class folders of ``root`` not in ``classes``: "error" (``ValueError`` naming
+            them, ``root`` and ``classes_source``) or "ignore" (their images are dropped, with a
+            warning naming the classes and counting the images).
+        classes_source: where ``classes`` come from, for messages ("the training split 'x'").
+        exif_transpose: turn images upright by their EXIF orientation (:func:`load_image`).
 
     Attributes:
-        classes (list[str]): class folder names; label ``i`` is ``classes[i]``.
-        samples (list[tuple[str, int]]): ``(path, label)`` of every image.
+        classes (list[str]): label ``i`` is ``classes[i]``; ``class_to_idx`` is the inverse.
+        samples (list[tuple[str, int]]): ``(path, label)`` of every image, by class folder name.
     """
 
     @configurable
-    def __init__(self, *, root: str, transform: Callable | None = None):
+    def __init__(self, *, root: str, transform: Callable | None = None, classes: Sequence[str] | None = None,
+                 unknown_classes: str = "error", classes_source: str = "", exif_transpose: bool = True):
+        if unknown_classes not in UNKNOWN_CLASS_POLICIES:
+            raise ValueError(f"ImageFolder: unknown_classes must be one of {', '.join(UNKNOWN_CLASS_POLICIES)} "
+                             f"(config: TEST.UNKNOWN_VAL_CLASSES), got {unknown_classes!r}")
         expected = (
             f"expected a folder holding one sub-folder per class, each containing images "
             f"({', '.join(IMAGE_EXTENSIONS)}, any case)"
@@ -162,41 +94,75 @@ class ImageFolder(Dataset):
         if not g_pathmgr.isdir(root):
             raise ValueError(f"ImageFolder: root {root!r} is not a folder; {expected}")
         names = sorted(n for n in g_pathmgr.ls(root) if not n.startswith("."))
-        classes = [n for n in names if not _is_image_name(n) and g_pathmgr.isdir(_join(root, n))]
-        if not classes:
-            loose = sum(_is_image_name(n) for n in names)
+        folders = [n for n in names if not is_image_name(n) and g_pathmgr.isdir(join(root, n))]
+        if not folders:
+            loose = sum(is_image_name(n) for n in names)
             raise ValueError(
                 f"ImageFolder: root {root!r} has no class sub-folders ({loose} image files lie directly "
                 f"inside); {expected}. Move the images into root/<class>/, or list them with FileList."
             )
-        samples, empty = [], []
-        for label, name in enumerate(classes):
-            files = _list_images(_join(root, name))
+        classes = list(folders if classes is None else classes)
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"ImageFolder: classes must be distinct names, got {classes}")
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        # One set of walked folders for the whole root, the root and the class folders first.
+        visited = {key for key in map(real_dir_key, [root] + [join(root, n) for n in folders]) if key is not None}
+        samples, empty, unknown = [], [], {}
+        for name in folders:
+            files = list_images(join(root, name), visited)
             if not files:
                 empty.append(name)
-            samples.extend((path, label) for path in files)
+            elif name not in class_to_idx:
+                unknown[name] = len(files)
+            else:
+                samples.extend((path, class_to_idx[name]) for path in files)
         if empty:
             raise ValueError(
-                f"ImageFolder: root {root!r}: {len(empty)} of {len(classes)} class folders contain no "
+                f"ImageFolder: root {root!r}: {len(empty)} of {len(folders)} class folders contain no "
                 f"images: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; {expected}"
             )
+        if unknown:
+            samples = self._unknown_classes(root, unknown, unknown_classes, classes_source, samples)
         self.root = root
         self.transform = transform
+        self.exif_transpose = exif_transpose
         self.classes = classes
-        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.class_to_idx = class_to_idx
         self.samples = samples
         self.targets = [label for _, label in samples]
 
+    @staticmethod
+    def _unknown_classes(root: str, unknown: dict, policy: str, source: str, samples: list) -> list:
+        """Raise, or warn and return ``samples`` (which exclude them), for the class folders ``unknown``
+        (name -> image count) that the class index lacks."""
+        source = source or "the given class index"
+        shown = ", ".join(f"{name!r} ({count} images)" for name, count in list(unknown.items())[:10])
+        shown += " ..." if len(unknown) > 10 else ""
+        if policy == "error":
+            raise ValueError(
+                f"ImageFolder: root {root!r} has {len(unknown)} class folder(s) that {source} does not have: "
+                f"{shown}. Labels come from one class index, so these images have none. Fix: add the "
+                f"class(es) to {source}, remove them from {root!r}, or drop their images with "
+                f"unknown_classes='ignore' (config: TEST.UNKNOWN_VAL_CLASSES ignore)"
+            )
+        logger.warning("ImageFolder: root %r: %d images of %d class folder(s) that %s does not have are "
+                       "ignored (TEST.UNKNOWN_VAL_CLASSES ignore): %s", root, sum(unknown.values()),
+                       len(unknown), source, shown)
+        if not samples:
+            raise ValueError(f"ImageFolder: root {root!r}: no image left once the class folders that {source} "
+                             f"does not have are ignored")
+        return samples
+
     @classmethod
     def from_config(cls, cfg, root: str, train: bool = True, transform: Callable | None = None) -> dict:
-        return {"root": root, "transform": transform}
+        return {"root": root, "transform": transform, "exif_transpose": cfg.INPUT.EXIF_TRANSPOSE}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = load_image(path)
+        image = load_image(path, self.exif_transpose)
         return (self.transform(image) if self.transform is not None else image), label
 
     def __repr__(self) -> str:
@@ -211,14 +177,15 @@ class FileList(Dataset):
     whitespace; ``LABEL`` is an integer >= -1, -1 (the default) meaning unlabeled. Blank lines and
     ``#`` comments (a ``#`` at the start of a line or after whitespace) are ignored. Files are not
     opened at construction, so a listed path that is missing or broken fails when read: an
-    :class:`UnreadableImageError` whose ``reason`` names the list file and line.
+    :class:`UnreadableImageError` whose ``reason`` names the list file and line. ``exif_transpose``:
+    as :func:`load_image`. Labels are the list's own: nothing is renumbered.
 
     Attributes:
         samples (list[tuple[str, int]]): ``(resolved path, label)``, in file order.
     """
 
     @configurable
-    def __init__(self, *, list_file: str, transform: Callable | None = None):
+    def __init__(self, *, list_file: str, transform: Callable | None = None, exif_transpose: bool = True):
         if not g_pathmgr.isfile(list_file):
             raise ValueError(
                 f"FileList: list file {list_file!r} does not exist (or is a folder); expected a text "
@@ -246,20 +213,21 @@ class FileList(Dataset):
                 label = int(fields[1])
             path = fields[0]
             if not (os.path.isabs(path) or "://" in path):
-                path = _join(folder, path) if folder else path
+                path = join(folder, path) if folder else path
             samples.append((path, label))
             line_numbers.append(number)
         if not samples:
             raise ValueError(f"FileList: list file {list_file!r} lists no images")
         self.list_file = list_file
         self.transform = transform
+        self.exif_transpose = exif_transpose
         self.samples = samples
         self.targets = [label for _, label in samples]
         self._line_numbers = line_numbers
 
     @classmethod
     def from_config(cls, cfg, root: str, train: bool = True, transform: Callable | None = None) -> dict:
-        return {"list_file": root, "transform": transform}
+        return {"list_file": root, "transform": transform, "exif_transpose": cfg.INPUT.EXIF_TRANSPOSE}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -267,7 +235,7 @@ class FileList(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_image(path)
+            image = load_image(path, self.exif_transpose)
         except UnreadableImageError as e:
             where = f"listed at {self.list_file}:{self._line_numbers[index]}"
             raise UnreadableImageError(e.path, f"{e.reason} ({where})") from e

@@ -87,12 +87,15 @@ class PeriodicWriter(HookBase):
 
 def build_knn_datasets(cfg) -> tuple:
     """``(memory bank, queries)``: ``TEST.DATASET`` at ``TEST.TRAIN_ROOT`` and ``TEST.VAL_ROOT`` with the
-    eval transform. Raises ``ValueError`` naming the root when one is missing or empty."""
-    from ..data import build_dataset, build_eval_transform
+    eval transform, labelled with the training split's class index
+    (:func:`~dino_research.data.eval_transforms.build_eval_datasets`). Raises ``ValueError`` naming
+    the root when one is missing or empty, and the class when the queries hold one the bank lacks
+    (unless ``TEST.UNKNOWN_VAL_CLASSES`` is "ignore")."""
+    from ..data import build_eval_transform
+    from ..data.eval_transforms import build_eval_datasets
 
     transform = build_eval_transform(cfg)
-    return tuple(build_dataset(cfg, cfg.TEST.DATASET, root, train=train, transform=transform)
-                 for root, train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False)))
+    return build_eval_datasets(cfg, transform, transform)
 
 
 def _every_epochs_and_at_end(trainer, period_epochs: int) -> bool:
@@ -108,7 +111,8 @@ class KNNEvalHook(HookBase):
     Features of ``TEST.DATASET`` (train split as memory bank, val split as queries) with the eval
     transform; scores go to the event store (``knn/top1_k20``, ...), hence to metrics.json and
     TensorBoard, and to the log as a table. With ``TEST.KNN.PIXEL_BASELINE`` the raw-pixel k-NN is
-    computed once and logged alongside (``knn_pixels/top1_k20``, ...).
+    computed once and logged alongside (``knn_pixels/top1_k20``, ...). A k larger than the bank is
+    scored with every bank image; its log row says so ("k=200 > 50 training images: all 50 used").
     """
 
     def __init__(self, period_epochs: int, datasets: tuple | None = None):
@@ -122,6 +126,7 @@ class KNNEvalHook(HookBase):
 
     def evaluate(self) -> dict:
         from ..evaluation import extract_features_multi, knn_classifier_multi_k
+        from ..evaluation.knn import k_note
 
         t, cfg = self.trainer, self.trainer.cfg
         if self._datasets is None:
@@ -151,8 +156,10 @@ class KNNEvalHook(HookBase):
                 for k, (top1, top5) in res.items():
                     t.storage.put_scalars(**{f"{prefix}/top1_k{k}": top1, f"{prefix}/top5_k{k}": top5},
                                           smoothing_hint=False)
+            notes = {k: k_note(k, len(bank_labels)) for k in results}
             rows = [f"  k={k:<4d} teacher top-1 {r[0]:6.2f}  top-5 {r[1]:6.2f}"
                     + (f"   | raw pixels top-1 {self._pixel_results[k][0]:6.2f}" if self._pixel_results else "")
+                    + (f"   ({notes[k]})" if notes[k] else "")
                     for k, r in results.items()]
             logger.info("k-NN after %d iterations (epoch %d) on %s:\n%s", t.iter + 1,
                         (t.iter + 1) // t.iters_per_epoch, cfg.TEST.DATASET, "\n".join(rows))

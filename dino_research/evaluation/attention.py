@@ -31,7 +31,9 @@ __all__ = [
     "colorize",
     "crop_to_patch_multiple",
     "last_self_attention_maps",
+    "limit_size",
     "prepare_image",
+    "resize_image",
     "threshold_masks",
     "upsample",
 ]
@@ -157,24 +159,52 @@ def upsample(maps: torch.Tensor, patch_size: int, mode: str = "nearest") -> torc
     raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
 
 
-def prepare_image(image: Image.Image, patch_size: int, mean: Sequence[float], std: Sequence[float],
-                  size: Sequence[int] | int | None = None) -> tuple[Image.Image, torch.Tensor]:
-    """Resize, crop and normalize one image for :func:`last_self_attention_maps`.
+def resize_image(image: Image.Image, size: Sequence[int] | int | None = None) -> Image.Image:
+    """``size``: None returns ``image``; an int resizes the shorter side to it (aspect ratio kept, as
+    ``torchvision.transforms.Resize(int)``); (H, W) resizes to exactly that. Bicubic, as the
+    evaluation transform."""
+    if size is None:
+        return image
+    if isinstance(size, int):
+        size = [size]
+    size = [int(s) for s in size]
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise ValueError(f"size must be None, a positive int or (H, W), got {size}")
+    return TF.resize(image, size, interpolation=InterpolationMode.BICUBIC)
 
-    ``size``: None keeps the image's size; an int resizes the shorter side to it (aspect ratio kept,
-    as ``torchvision.transforms.Resize(int)``); (H, W) resizes to exactly that. Resizing is bicubic,
-    as the evaluation transform. The result is then cropped to a patch multiple
-    (:func:`crop_to_patch_multiple`). Returns the RGB ``PIL.Image`` shown in figures, of size (W, H),
-    and the tensor (1, 3, H, W) normalized with ``mean``/``std`` (0-1 scale).
+
+def limit_size(image: Image.Image, max_size: int | None) -> Image.Image:
+    """``image`` shrunk so that its longer side is at most ``max_size`` pixels; itself when it fits or
+    ``max_size`` is None or 0.
+
+    The attention of one image costs ``heads x (1 + H*W/p^2)^2`` floats per block, quadratic in the
+    pixel count: a 4000x3000 photo at patch 16 asks ViT-S (6 heads) for ~53 GB, 1024x768 for 227 MB.
+    The longer side becomes ``max_size``, the shorter ``round(short * max_size / long)`` (>= 1): the
+    aspect ratio is kept. Bicubic.
     """
-    image = to_rgb(image)
-    if size is not None:
-        if isinstance(size, int):
-            size = [size]
-        size = [int(s) for s in size]
-        if len(size) not in (1, 2) or min(size) < 1:
-            raise ValueError(f"size must be None, a positive int or (H, W), got {size}")
-        image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC)
+    if not max_size:
+        return image
+    if max_size < 0:
+        raise ValueError(f"max_size must be None, 0 (no limit) or a positive number of pixels, got {max_size}")
+    W, H = image.size
+    if max(W, H) <= max_size:
+        return image
+    scale = max_size / max(W, H)
+    size = (max_size, max(1, round(H * scale))) if W >= H else (max(1, round(W * scale)), max_size)
+    return image.resize(size, Image.BICUBIC)
+
+
+def prepare_image(image: Image.Image, patch_size: int, mean: Sequence[float], std: Sequence[float],
+                  size: Sequence[int] | int | None = None,
+                  max_size: int | None = None) -> tuple[Image.Image, torch.Tensor]:
+    """Resize, cap, crop and normalize one image for :func:`last_self_attention_maps`.
+
+    ``size``: as :func:`resize_image` (None keeps the image's size). ``max_size``: then the longer
+    side is capped (:func:`limit_size`; None or 0: no cap). The result is then cropped to a patch
+    multiple (:func:`crop_to_patch_multiple`). Returns the RGB ``PIL.Image`` shown in figures, of
+    size (W, H), and the tensor (1, 3, H, W) normalized with ``mean``/``std`` (0-1 scale).
+    """
+    image = limit_size(resize_image(to_rgb(image), size), max_size)
     image = crop_to_patch_multiple(image, patch_size)
     tensor = TF.normalize(TF.to_tensor(image), list(mean), list(std))
     return image, tensor.unsqueeze(0)

@@ -7,6 +7,11 @@ ranked by total vote. Top-1 and top-5 accuracies are reported in percent.
 All requested k are answered from one similarity pass: the ``max(k)`` nearest neighbours are found
 once per test chunk, sorted by similarity, and the votes of a larger k are those of the smaller k
 plus the votes of the extra neighbours.
+
+A k larger than the memory bank of N images cannot be honoured: every training image votes, which is
+k = N. Results stay keyed by the requested k, so whoever reports them says what was computed:
+:func:`effective_k` gives the k used, :func:`k_note` the sentence for a results table
+("k=200 > 50 training images: all 50 used").
 """
 
 from __future__ import annotations
@@ -17,9 +22,22 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["knn_classifier", "knn_classifier_multi_k"]
+__all__ = ["effective_k", "k_note", "knn_classifier", "knn_classifier_multi_k"]
 
 logger = logging.getLogger("dino_research")
+
+
+def effective_k(k: int, num_train: int) -> int:
+    """The number of neighbours that vote when ``k`` are asked of a bank of ``num_train`` images."""
+    return min(int(k), int(num_train))
+
+
+def k_note(k: int, num_train: int) -> str:
+    """"" when ``k`` neighbours exist among ``num_train``; otherwise what was computed instead, for the
+    row of a results table: ``"k=200 > 50 training images: all 50 used"``."""
+    if k <= num_train:
+        return ""
+    return f"k={k} > {num_train} training images: all {num_train} used"
 
 
 def knn_classifier(
@@ -65,7 +83,8 @@ def knn_classifier_multi_k(
         test_labels: (M,) integer labels (>= 0; a class absent from the training set is allowed and
             simply never predicted).
         ks: numbers of neighbours (ints >= 1). A k larger than N is clamped to N (with a warning):
-            every training sample then votes. The result is still reported under the requested k.
+            every training sample then votes. The result is still keyed by the requested k; report
+            :func:`effective_k` / :func:`k_note` next to it.
         T: temperature of the vote weights ``exp(similarity / T)``; > 0.
         num_classes: number of classes C; default ``max(train_labels, test_labels) + 1``.
         chunk_size: test features per similarity block: memory is about ``chunk_size * N`` floats.
@@ -86,9 +105,9 @@ def knn_classifier_multi_k(
                                              ks, T, num_classes, chunk_size)
     requested = list(dict.fromkeys(int(k) for k in ks))
     clamped = {k: min(k, n_train) for k in requested}
-    if any(k > n_train for k in requested):
-        logger.warning("k-NN: k clamped to the %d training samples for k in %s", n_train,
-                       [k for k in requested if k > n_train])
+    for k in requested:
+        if k > n_train:
+            logger.warning("k-NN: %s (the result of k=%d is that of k=%d)", k_note(k, n_train), k, n_train)
     steps = sorted(set(clamped.values()))  # the votes of steps[i] extend those of steps[i-1]
     k_max, top = steps[-1], min(5, num_classes)
 

@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from ..checkpoint import atomic_save, load_file
-from ..data import build_dataset, build_eval_transform
+from ..data import build_eval_transform
 from ..data.datasets import SYNTHETIC_NUM_CLASSES, Synthetic, to_rgb
+from ..data.eval_transforms import build_eval_datasets
 from ..data.loader import SeededSampleDataset, collate_samples
 from ..data.samplers import ResumableDistributedSampler, derive_seed
 from ..solver.build import LR_REFERENCE_BATCH
@@ -309,7 +310,8 @@ def run_linear_eval(cfg, backbone: nn.Module, device) -> dict:
     """The paper's linear protocol from ``cfg.TEST`` / ``cfg.TEST.LINEAR`` on a frozen ``backbone``.
 
     Trains on ``TEST.TRAIN_ROOT`` with :func:`build_linear_train_transform`, evaluates on
-    ``TEST.VAL_ROOT`` with ``build_eval_transform``; checkpoints in ``OUTPUT_DIR``. Returns the
+    ``TEST.VAL_ROOT`` with ``build_eval_transform``, both labelled with the training split's class
+    index (``build_eval_datasets``); checkpoints in ``OUTPUT_DIR``. Returns the
     :func:`train_linear` result with ``mode``, ``base_lr``, ``total_batch`` and the feature settings
     (``n_last_blocks``/``avgpool``: None/False for a non-ViT) added to ``best`` and ``last``.
     """
@@ -319,9 +321,8 @@ def run_linear_eval(cfg, backbone: nn.Module, device) -> dict:
     if not vit and (lin.N_LAST_BLOCKS != 1 or lin.AVGPOOL_PATCHTOKENS):
         logger.info("%s has no blocks to read: TEST.LINEAR.N_LAST_BLOCKS/AVGPOOL_PATCHTOKENS are ignored, the "
                     "linear layer sees its pooled output", type(backbone).__name__)
-    train_set = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.TRAIN_ROOT, train=True,
-                              transform=build_linear_train_transform(cfg))
-    val_set = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.VAL_ROOT, train=False, transform=build_eval_transform(cfg))
+    # One class index for both splits (the training split's): see build_eval_datasets.
+    train_set, val_set = build_eval_datasets(cfg, build_linear_train_transform(cfg), build_eval_transform(cfg))
     # Same initialization on every rank whatever its seed (DDP would broadcast rank 0's anyway).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.SEED)

@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_save, load_file
-from ..data import build_dataset, build_eval_transform
+from ..data import build_eval_transform
+from ..data.eval_transforms import build_eval_datasets
 from ..data.samplers import derive_seed
 from ..utils import comm
 from .linear import (
@@ -259,7 +260,8 @@ def run_fast_linear_eval(cfg, backbone: Optional[nn.Module], device, dump_featur
     """Fast linear protocol from ``cfg.TEST`` / ``cfg.TEST.LINEAR``.
 
     Features come from ``load_features`` (``backbone`` may then be None) or are extracted from
-    ``backbone`` with ``TEST.BATCH_SIZE`` (center crops of ``TEST.TRAIN_ROOT`` and ``TEST.VAL_ROOT``)
+    ``backbone`` with ``TEST.BATCH_SIZE`` (center crops of ``TEST.TRAIN_ROOT`` and ``TEST.VAL_ROOT``,
+    labelled with the training split's class index: ``build_eval_datasets``)
     and optionally written to ``dump_features``. Writes the best classifier to
     ``OUTPUT_DIR/linear_fast_classifier.pth``. Returns ``{"mode": "fast", "best", "last",
     "classifiers", ...}``; every accuracy is measured after the last epoch, so ``last`` is ``best``.
@@ -279,8 +281,7 @@ def run_fast_linear_eval(cfg, backbone: Optional[nn.Module], device, dump_featur
             raise ValueError("run_fast_linear_eval needs a backbone or features to load")
         n_blocks = lin.N_LAST_BLOCKS if has_blocks(backbone) else None
         transform = build_eval_transform(cfg)
-        splits = [build_dataset(cfg, cfg.TEST.DATASET, root, train=is_train, transform=transform)
-                  for root, is_train in ((cfg.TEST.TRAIN_ROOT, True), (cfg.TEST.VAL_ROOT, False))]
+        splits = build_eval_datasets(cfg, transform, transform)  # one class index, the training split's
         train, val = (extract_block_features(backbone, ds, n_blocks=n_blocks or 1, batch_size=cfg.TEST.BATCH_SIZE,
                                              device=device, num_workers=cfg.DATALOADER.NUM_WORKERS,
                                              log_period=cfg.LOG_PERIOD) for ds in splits)

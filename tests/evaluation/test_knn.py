@@ -1,12 +1,13 @@
 """Weighted k-NN: hand-computed votes, a direct formula, multi-k, chunking, ties and input checks."""
 
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_research.evaluation.knn import knn_classifier, knn_classifier_multi_k
+from dino_research.evaluation.knn import effective_k, k_note, knn_classifier, knn_classifier_multi_k
 
 
 def unit(deg):
@@ -120,6 +121,25 @@ def test_k_larger_than_the_bank_is_clamped(random_problem):
     train, train_labels, test, test_labels = random_problem
     results = knn_classifier_multi_k(train, train_labels, test, test_labels, [60, 1000], 0.07)
     assert results[1000] == results[60]
+
+
+def test_k_over_the_bank_is_all_five_votes_and_is_said_so():
+    # k=200 on the 5-vector bank is k=5: class 2 gets e^0 + e^-10 against class 0's e^10 and class
+    # 1's 2 e^5, so the query stays class 0 (top-1 100); the warning and the note say k=5 was used.
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("dino_research").addHandler(handler)  # it may not propagate to pytest's
+    try:
+        assert knn_classifier_multi_k(TRAIN, TRAIN_LABELS, QUERY, torch.tensor([0]), [200, 5], 0.1) == {
+            200: (100.0, 100.0), 5: (100.0, 100.0)}
+    finally:
+        logging.getLogger("dino_research").removeHandler(handler)
+    assert messages == ["k-NN: k=200 > 5 training images: all 5 used (the result of k=200 is that of k=5)"]
+    assert top1(200, 0.1, label=1) == top1(5, 0.1, label=1) == 0.0
+    assert effective_k(200, 5) == 5 and effective_k(5, 5) == 5 and effective_k(3, 5) == 3
+    assert k_note(200, 5) == "k=200 > 5 training images: all 5 used"
+    assert k_note(5, 5) == "" and k_note(1, 5) == ""
 
 
 def test_tiny_temperature_does_not_overflow(random_problem):

@@ -130,3 +130,76 @@ def test_bad_arguments_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files"):
         tool.image_paths(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------- size cap, bad images, EXIF
+@pytest.fixture
+def checkpoint16(tmp_path, make_tiny_cfg):
+    """A 1-block ViT-tiny/16 (3 heads): attention over a 1024-pixel image stays cheap on a CPU."""
+    cfg = make_tiny_cfg(**{"MODEL.BACKBONE.DEPTH": 1})
+    return Checkpointer(str(tmp_path), build_model(cfg)).save("ckpt16.pth", iteration=0, config=cfg.dump())
+
+
+def test_a_large_photo_is_capped_by_default_and_the_cap_can_be_raised(tmp_path, checkpoint16):
+    # 3000x2000 (W x H) at patch 16 would be 23437 patches: heads x 23437^2 floats of attention, 6.6 GB.
+    _write_image(tmp_path / "big.png", 2000, 3000)
+    for extra, (W, H), resized in (((), (1024, 672), "1024x683"), (("--max-size", 1280), (1280, 848), "1280x853")):
+        out = tmp_path / f"out{len(extra)}"
+        proc = _run("--weights", checkpoint16, "--image", tmp_path / "big.png", "--output", out, "--threshold", "0",
+                    *extra, "MODEL.DEVICE", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        # longer side capped, aspect ratio kept (2000 * 1024 / 3000 = 682.7), then cropped to patch multiples
+        assert _size(out / "big" / "img.png") == ((W, H), "RGB")
+        assert _size(out / "big" / "attn-head0.png") == ((W, H), "RGB")
+        cap = extra[1] if extra else 1024
+        assert (f"big.png is 3000x2000: resized to {resized} (--max-size {cap}; raise it to keep more detail)"
+                in (out / "log.txt").read_text())
+
+
+def test_bad_images_in_a_folder_are_named_and_skipped_the_rest_drawn(tmp_path, checkpoint, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_image(images / "good.png", 45, 70)
+    (images / "junk.jpg").write_text("this is not a JPEG")
+    _write_image(images / "speck.png", 4, 4)  # smaller than one 8x8 patch
+    # A phone photo stored 48x32 (W x H) with EXIF orientation 6: drawn upright, 32x48.
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(images / "phone.jpg", exif=exif.tobytes())
+    out = tmp_path / "out"
+    proc = _run("--weights", checkpoint, "--image", images, "--output", out, "--threshold", "0", "MODEL.DEVICE", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good", "phone"]
+    assert _size(out / "good" / "img.png") == ((64, 40), "RGB")
+    assert _size(out / "phone" / "img.png") == ((32, 48), "RGB")
+    log = (out / "log.txt").read_text()
+    assert f"{images / 'junk.jpg'}: skipped, cannot read image" in log and "UnidentifiedImageError" in log
+    assert f"{images / 'speck.png'}: skipped, image 4x4 is smaller than one 8x8 patch" in log
+    assert "attention maps of 2 of 4 image(s) written to" in log and "2 skipped: junk.jpg, speck.png" in log
+
+    # Only bad images: nothing drawn, a non-zero exit (SystemExit with a message: status 1) naming
+    # them. In process, as test_non_vit_backbone_fails_clearly.
+    (images / "good.png").unlink()
+    (images / "phone.jpg").rename(tmp_path / "phone.jpg")
+    tool = load_tool("visualize_attention")
+    monkeypatch.setattr(tool, "default_setup", lambda cfg, args: None)
+    with pytest.raises(SystemExit) as failure:
+        tool.main(tool.parse_args(["--weights", str(checkpoint), "--image", str(images), "--output",
+                                   str(tmp_path / "none"), "MODEL.DEVICE", "cpu"]))
+    message = failure.value.code
+    assert isinstance(message, str) and message.startswith("no image could be drawn (attention maps of 0 of 2 image(s)")
+    assert f"{images / 'junk.jpg'}: cannot read image" in message and "speck.png" in message
+    # EXIF off: the photo as stored.
+    proc = _run("--weights", checkpoint, "--image", tmp_path / "phone.jpg", "--output", tmp_path / "stored",
+                "--threshold", "0", "INPUT.EXIF_TRANSPOSE", "False", "MODEL.DEVICE", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert _size(tmp_path / "stored" / "phone" / "img.png") == ((48, 32), "RGB")
+
+
+def test_max_size_is_refused_when_negative():
+    tool = load_tool("visualize_attention")
+    assert tool.parse_args(["--image", "x.png"]).max_size == 1024
+    with pytest.raises(SystemExit) as failure:
+        tool.parse_args(["--image", "x.png", "--max-size", "-1"])
+    assert failure.value.code == 2
