@@ -15,7 +15,7 @@ from .build import (
     build_loss,
     build_model,
 )
-from . import backbones, ema, heads, losses, meta_arch  # noqa: F401  (registration on import)
+from . import backbones, ema, heads, losses, meta_arch, small_resnet  # noqa: F401  (registration on import)
 
 __all__ = [
     "BACKBONE_REGISTRY",
