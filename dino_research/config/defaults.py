@@ -256,6 +256,13 @@ _C.TEST.KNN.CHUNK_SIZE = 256
 # Also report k-NN on raw pixels (the flattened eval image), computed the same way: the baseline a
 # self-supervised model should beat. Cheap on small images; off for ImageNet-size data.
 _C.TEST.KNN.PIXEL_BASELINE = False
+# Also score the teacher before the first step of a fresh run (random weights, or MODEL.WEIGHTS), as
+# knn_init/*: the line training must rise above (curves.png draws it). Costs one more evaluation.
+_C.TEST.KNN.INIT_BASELINE = False
+
+# Draw OUTPUT_DIR/curves.png (loss, k-NN top-1 with its baselines, teacher entropy and KL, lr) after
+# every k-NN evaluation and at the end of training.
+_C.TEST.CURVES = True
 
 _C.TEST.ATTENTION = CN()
 # During training, draw the teacher's last-block [CLS] attention maps of NUM_IMAGES fixed images of

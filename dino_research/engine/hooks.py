@@ -115,16 +115,23 @@ class KNNEvalHook(HookBase):
     scored with every bank image; its log row says so ("k=200 > 50 training images: all 50 used").
     """
 
-    def __init__(self, period_epochs: int, datasets: tuple | None = None):
+    def __init__(self, period_epochs: int, datasets: tuple | None = None, init_baseline: bool = False):
         self.period = period_epochs
         self._datasets = datasets  # (memory bank, queries); built from the config when None
         self._pixel_results = None
+        self.init_baseline = init_baseline
+
+    def before_train(self) -> None:
+        # The network a fresh run starts from (random, or MODEL.WEIGHTS): what training must improve on.
+        if self.init_baseline and self.trainer.start_iter == 0:
+            self.evaluate(prefix="knn_init", what="teacher at initialization")
 
     def after_step(self) -> None:
         if _every_epochs_and_at_end(self.trainer, self.period):
             self.evaluate()
 
-    def evaluate(self) -> dict:
+    def evaluate(self, prefix: str = "knn", what: str = "teacher") -> dict:
+        """k-NN of the teacher now; scalars ``{prefix}/top1_k{k}`` and ``{prefix}/top5_k{k}``."""
         from ..evaluation import extract_features_multi, knn_classifier_multi_k
         from ..evaluation.knn import k_note
 
@@ -152,19 +159,48 @@ class KNNEvalHook(HookBase):
         if len(backbones) == 2:
             self._pixel_results = new_pixel_results = knn(1)
         if comm.is_main_process():
-            for prefix, res in (("knn", results), ("knn_pixels", new_pixel_results)):
+            for name, res in ((prefix, results), ("knn_pixels", new_pixel_results)):
                 for k, (top1, top5) in res.items():
-                    t.storage.put_scalars(**{f"{prefix}/top1_k{k}": top1, f"{prefix}/top5_k{k}": top5},
+                    t.storage.put_scalars(**{f"{name}/top1_k{k}": top1, f"{name}/top5_k{k}": top5},
                                           smoothing_hint=False)
             notes = {k: k_note(k, len(bank_labels)) for k in results}
-            rows = [f"  k={k:<4d} teacher top-1 {r[0]:6.2f}  top-5 {r[1]:6.2f}"
+            rows = [f"  k={k:<4d} {what} top-1 {r[0]:6.2f}  top-5 {r[1]:6.2f}"
                     + (f"   | raw pixels top-1 {self._pixel_results[k][0]:6.2f}" if self._pixel_results else "")
                     + (f"   ({notes[k]})" if notes[k] else "")
                     for k, r in results.items()]
-            logger.info("k-NN after %d iterations (epoch %d) on %s:\n%s", t.iter + 1,
-                        (t.iter + 1) // t.iters_per_epoch, cfg.TEST.DATASET, "\n".join(rows))
+            done = t.iter + 1 if prefix == "knn" else t.start_iter
+            logger.info("k-NN after %d iterations (epoch %d) on %s:\n%s", done, done // t.iters_per_epoch,
+                        cfg.TEST.DATASET, "\n".join(rows))
         comm.synchronize()
         return results
+
+
+class CurvesHook(HookBase):
+    """``OUTPUT_DIR/curves.png`` (:func:`~dino_research.utils.plots.plot_training_curves`) after every
+    k-NN evaluation and at the end of training (main process). ``json_writer`` is flushed first, so
+    the figure includes the metrics of the iteration just done."""
+
+    def __init__(self, period_epochs: int, json_writer):
+        self.period, self.json_writer = period_epochs, json_writer
+
+    def after_step(self) -> None:
+        if self.period > 0 and _every_epochs_and_at_end(self.trainer, self.period):
+            self.draw()
+
+    def after_train(self) -> None:
+        self.draw(flush=False)  # the PeriodicWriter (registered before) wrote and closed the file
+
+    def draw(self, flush: bool = True) -> None:
+        from ..utils.plots import plot_training_curves
+
+        if flush:
+            self.json_writer.write()
+        try:
+            path = plot_training_curves(self.trainer.cfg.OUTPUT_DIR)
+        except (ValueError, FileNotFoundError) as e:  # nothing to draw yet: not worth stopping a run
+            logger.debug("curves not drawn: %s", e)
+            return
+        logger.info("training curves: %s", path)
 
 
 class AttentionMapHook(HookBase):

@@ -153,16 +153,20 @@ class DINOTrainer:
         cfg = self.cfg
         out = []
         if cfg.TEST.EVAL_PERIOD > 0:  # before the checkpointer: a resumed run never repeats an eval
-            out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD, self.knn_datasets))
+            out.append(hooks_lib.KNNEvalHook(cfg.TEST.EVAL_PERIOD, self.knn_datasets,
+                                             init_baseline=cfg.TEST.KNN.INIT_BASELINE))
         if self.attention_images:
             out.append(hooks_lib.AttentionMapHook(cfg.TEST.ATTENTION.PERIOD, self.attention_images,
                                                   cfg.TEST.ATTENTION.THRESHOLD))
         out += [hooks_lib.PeriodicCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.SNAPSHOT_EPOCHS),
                 hooks_lib.TeacherExporter()]
         if comm.is_main_process():
-            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
+            json_writer = JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+            writers = [CommonMetricPrinter(self.max_iter), json_writer,
                        TensorboardWriter(os.path.join(cfg.OUTPUT_DIR, "tensorboard"))]
             out.append(hooks_lib.PeriodicWriter(writers, cfg.LOG_PERIOD))
+            if cfg.TEST.CURVES:
+                out.append(hooks_lib.CurvesHook(cfg.TEST.EVAL_PERIOD, json_writer))
         return out
 
     def register_hooks(self, hooks: list[hooks_lib.HookBase]) -> None:

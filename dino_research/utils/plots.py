@@ -13,16 +13,22 @@ from typing import Iterable, Optional, Sequence
 
 __all__ = ["read_metrics", "run_labels", "plot_training_curves", "plot_runs", "DEFAULT_CURVES"]
 
-# (title, [metric names drawn on one axis]) of curves.png.
+# (title, [metric names drawn on one axis]) of curves.png; "{k}" is the run's k-NN k (20 when it
+# was evaluated, else the smallest one).
 DEFAULT_CURVES = (
     ("loss", ["loss"]),
-    ("k-NN top-1 (k=20), %", ["knn/top1_k20"]),
+    ("k-NN top-1 (k={k}), %", ["knn/top1_k{k}"]),
     ("collapse indicators", ["teacher_entropy", "kl_teacher_student"]),
     ("learning rate", ["lr"]),
 )
-# Reference lines drawn on the k-NN axis when the run has them: the network before training, and
-# k-NN on raw pixels (TEST.KNN.PIXEL_BASELINE), with their labels.
-BASELINES = {"knn_init/top1_k20": "random init", "knn_pixels/top1_k20": "raw pixels"}
+# Reference lines drawn on the k-NN axis when the run has them: the network before training
+# (TEST.KNN.INIT_BASELINE), and k-NN on raw pixels (TEST.KNN.PIXEL_BASELINE), with their labels.
+BASELINES = {"knn_init/top1_k{k}": "at initialization", "knn_pixels/top1_k{k}": "raw pixels"}
+
+
+def _knn_k(metrics: dict) -> int:
+    ks = sorted(int(name.rsplit("_k", 1)[1]) for name in metrics if name.startswith("knn/top1_k"))
+    return 20 if 20 in ks or not ks else ks[0]
 
 
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -113,7 +119,9 @@ def plot_training_curves(run_dir: str, out: Optional[str] = None,
     entropy and KL, learning rate; metrics the run lacks are skipped) to ``out`` (default
     ``run_dir/curves.png``); returns the path."""
     metrics = read_metrics(run_dir)
-    curves = [(title, [n for n in names if n in metrics]) for title, names in curves]
+    k = _knn_k(metrics)
+    curves = [(title.format(k=k), [n.format(k=k) for n in names if n.format(k=k) in metrics])
+              for title, names in curves]
     curves = [(title, names) for title, names in curves if names]
     if not curves:
         raise ValueError(f"{run_dir}/metrics.json holds none of the plotted metrics")
@@ -123,6 +131,7 @@ def plot_training_curves(run_dir: str, out: Optional[str] = None,
             _draw(ax, metrics[name], name)
         if any(n.startswith("knn/") for n in names):
             for key, label in BASELINES.items():
+                key = key.format(k=k)
                 if key in metrics:
                     value = metrics[key][-1][1]
                     ax.axhline(value, linestyle="--", color="grey" if "init" in key else "black", linewidth=1,
