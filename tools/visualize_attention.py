@@ -23,7 +23,18 @@ architecture (and so the patch size) comes from the checkpoint when it stores a 
 
 An image that cannot be drawn (unreadable, smaller than a patch) is reported by name and skipped;
 the summary counts them. The exit status is non-zero only when no image at all could be drawn.
+
+    python tools/visualize_attention.py --config FILE --weights FILE --jaccard N [--random-init]
+
+measures DINO's segmentation property instead (``dino_research.evaluation.segmentation``): the
+Jaccard index between each head's mask keeping ``--threshold`` (0.6) of its attention and the
+foreground of N images spread over TEST.DATASET at TEST.VAL_ROOT (evaluation crop), for objects on a
+black background such as Fashion-MNIST (foreground: pixels above ``--foreground-threshold``). Logs
+the per-head table, the best head and the mean over heads, and writes OUTPUT/attention_jaccard.json.
+``--random-init`` scores the config's backbone at the initialization a run with this SEED starts from.
 """
+
+import json
 
 import logging
 import os
@@ -31,8 +42,11 @@ import os
 from PIL import Image
 
 from dino_research.data.datasets import IMAGE_EXTENSIONS, UnreadableImageError, load_image
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
 from dino_research.evaluation import load_backbone
+from dino_research.evaluation.segmentation import attention_jaccard_of_images
+from dino_research.modeling import build_model
+from dino_research.utils.errors import report_user_errors
 from dino_research.evaluation.attention import (
     attention_figure,
     check_attention_backbone,
@@ -73,8 +87,11 @@ def main(args) -> None:
     opts = list(args.opts) + (["OUTPUT_DIR", args.output] if args.output else [])
     cfg = load_config(args.config_file, opts)
     default_setup(cfg, args)
-    paths = image_paths(args.image)
-    backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
+    if args.random_init:
+        seed_all(cfg.SEED)  # as the trainer does right before building the model
+        backbone = build_model(cfg).teacher.backbone.eval()
+    else:
+        backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
     name = cfg.MODEL.BACKBONE.NAME
     try:
         check_attention_backbone(backbone, f"{name} ({cfg.MODEL.BACKBONE.TIMM_MODEL})" if name == "timm" else name)
@@ -82,6 +99,10 @@ def main(args) -> None:
         raise SystemExit(str(e))
     device = resolve_device(cfg)
     backbone.to(device)
+    if args.jaccard:
+        jaccard_report(cfg, args, backbone, device)
+        return
+    paths = image_paths(args.image)
     skipped = []  # (path, reason)
     for path in paths:
         try:
@@ -99,6 +120,31 @@ def main(args) -> None:
     if drawn == 0:
         raise SystemExit(f"no image could be drawn ({summary}): " + "; ".join(f"{p}: {r}" for p, r in skipped))
     (logger.warning if skipped else logger.info)("%s", summary)
+
+
+def jaccard_report(cfg, args, backbone, device) -> dict:
+    """The attention Jaccard of ``--jaccard`` N test images: logged as a table, written as JSON."""
+    from dino_research.engine.hooks import attention_images
+
+    images = attention_images(cfg, args.jaccard)
+    result = attention_jaccard_of_images(backbone, images, None, cfg.INPUT.MEAN, cfg.INPUT.STD, device,
+                                         threshold=args.threshold or 0.6, foreground=args.foreground_threshold)
+    source = "random init" if args.random_init else f"{args.weights or cfg.MODEL.WEIGHTS} ({args.checkpoint_key})"
+    rows = [f"| {i:4d} | {100 * j:7.2f} |" for i, j in enumerate(result["per_head"].tolist())]
+    logger.info("attention Jaccard (mask keeping %.0f%% of the mass vs foreground) of %d images of %s, %s:\n"
+                "| head | Jaccard |\n%s\nbest head %d: %.2f; mean over heads: %.2f", 100 * (args.threshold or 0.6),
+                len(images), cfg.TEST.DATASET, source, "\n".join(rows), result["best_head"],
+                100 * result["best_head_jaccard"], 100 * result["mean_over_heads"])
+    summary = {"backbone": source, "num_images": len(images), "threshold": args.threshold or 0.6,
+               "foreground_threshold": args.foreground_threshold,
+               "per_head": [100 * j for j in result["per_head"].tolist()], "best_head": result["best_head"],
+               "best_head_jaccard": 100 * result["best_head_jaccard"],
+               "mean_over_heads": 100 * result["mean_over_heads"]}
+    path = os.path.join(cfg.OUTPUT_DIR, "attention_jaccard.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info("results written to %s", path)
+    return summary
 
 
 def sized_image(image, path: str, args):
@@ -136,7 +182,13 @@ def draw(backbone, picture, path: str, cfg, args, device) -> str:
 
 def argument_parser():
     parser = eval_argument_parser(__doc__)
-    parser.add_argument("--image", required=True, metavar="PATH_OR_FOLDER", help="an image, or a folder of images")
+    parser.add_argument("--image", default="", metavar="PATH_OR_FOLDER", help="an image, or a folder of images")
+    parser.add_argument("--jaccard", type=int, default=0, metavar="N",
+                        help="instead of drawing, measure the attention Jaccard on N test images (see above)")
+    parser.add_argument("--foreground-threshold", type=float, default=0.05,
+                        help="--jaccard: a pixel whose brightest channel exceeds this (0-1 scale) is foreground")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the config's backbone at its initialization (SEED) instead of --weights")
     parser.add_argument("--output", default="", metavar="DIR", help="output folder (default: OUTPUT_DIR)")
     parser.add_argument("--image-size", nargs="+", default=None, metavar="H [W]",
                         help="resize to H x W, or the shorter side to H (default: keep the size)")
@@ -162,6 +214,10 @@ def parse_args(argv=None):
         args.image_size, args.opts = [int(v) for v in args.image_size[:n]], args.image_size[n:] + list(args.opts)
         if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
             parser.error("--image-size takes H W, or one int for the shorter side (positive integers)")
+    if not args.image and not args.jaccard:
+        parser.error("give --image PATH_OR_FOLDER to draw maps, or --jaccard N to measure them")
+    if args.random_init and args.weights:
+        parser.error("--random-init takes no --weights")
     if args.max_size < 0:
         parser.error(f"--max-size must be a number of pixels, or 0 for no limit, got {args.max_size}")
     if args.figure_scale < 1:
@@ -172,4 +228,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with report_user_errors():  # a bad config, file or folder: one message, no traceback
+        main(parse_args())

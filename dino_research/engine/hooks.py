@@ -254,10 +254,10 @@ class AttentionMapHook(HookBase):
         return paths
 
 
-def attention_images(cfg) -> list:
-    """``TEST.ATTENTION.NUM_IMAGES`` images spread evenly over ``TEST.DATASET`` at ``TEST.VAL_ROOT``, each
-    resized (shorter side ``TEST.RESIZE_SIZE``, bicubic) and center-cropped (``TEST.CROP_SIZE``) as
-    the evaluation transform does: RGB ``PIL.Image`` crops, not normalized."""
+def attention_images(cfg, num_images: int | None = None) -> list:
+    """``num_images`` (default ``TEST.ATTENTION.NUM_IMAGES``) images spread evenly over ``TEST.DATASET``
+    at ``TEST.VAL_ROOT``, each resized (shorter side ``TEST.RESIZE_SIZE``, bicubic) and center-cropped
+    (``TEST.CROP_SIZE``) as the evaluation transform does: RGB ``PIL.Image`` crops, not normalized."""
     from torchvision import transforms as T
 
     from ..data import build_dataset
@@ -265,5 +265,5 @@ def attention_images(cfg) -> list:
     crop = T.Compose([T.Resize(cfg.TEST.RESIZE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(cfg.TEST.CROP_SIZE)])
     dataset = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.VAL_ROOT, train=False, transform=crop)
-    n = min(cfg.TEST.ATTENTION.NUM_IMAGES, len(dataset))
+    n = min(cfg.TEST.ATTENTION.NUM_IMAGES if num_images is None else num_images, len(dataset))
     return [dataset[i * len(dataset) // n][0] for i in range(n)]

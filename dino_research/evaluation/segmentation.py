@@ -14,7 +14,7 @@ import torch
 
 from .attention import threshold_masks, upsample
 
-__all__ = ["attention_jaccard", "foreground_masks", "jaccard"]
+__all__ = ["attention_jaccard", "attention_jaccard_of_images", "foreground_masks", "jaccard"]
 
 
 def jaccard(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,3 +70,33 @@ def attention_jaccard(attentions: torch.Tensor, masks: torch.Tensor, patch_size:
     best = int(per_head.argmax())
     return {"per_image_head": per_image_head, "per_head": per_head, "best_head": best,
             "best_head_jaccard": float(per_head[best]), "mean_over_heads": float(per_head.mean())}
+
+
+@torch.no_grad()
+def attention_jaccard_of_images(backbone, images, masks, mean, std, device, threshold: float = 0.6,
+                                foreground: float = 0.05, batch_size: int = 64) -> dict:
+    """:func:`attention_jaccard` of a ViT ``backbone`` on RGB ``PIL.Image`` ``images`` of one size.
+
+    ``masks``: bool (N, H, W) ground truth of the images (H, W multiples of the patch size), or None
+    for :func:`foreground_masks` of the images themselves (objects on black, pixels above ``foreground``).
+    The backbone runs in
+    eval mode (its mode is restored). Returns :func:`attention_jaccard`'s dict, tensors on the CPU.
+    """
+    import torchvision.transforms.functional as TF
+
+    from .attention import last_self_attention_maps
+
+    pixels = torch.stack([TF.to_tensor(image) for image in images])  # (N, 3, H, W) in [0, 1]
+    p = backbone.patch_size
+    if pixels.shape[-1] % p or pixels.shape[-2] % p:
+        raise ValueError(f"images of {tuple(pixels.shape[-2:])} pixels are not a multiple of the patch size {p}")
+    masks = foreground_masks(pixels, foreground) if masks is None else masks
+    normalized = TF.normalize(pixels, list(mean), list(std))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        maps = torch.cat([last_self_attention_maps(backbone, normalized[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(normalized), batch_size)])
+    finally:
+        backbone.train(was_training)
+    return attention_jaccard(maps, masks, p, threshold)

@@ -203,3 +203,21 @@ def test_max_size_is_refused_when_negative():
     with pytest.raises(SystemExit) as failure:
         tool.parse_args(["--image", "x.png", "--max-size", "-1"])
     assert failure.value.code == 2
+
+
+def test_jaccard_option_scores_heads_of_test_images_against_their_foreground(tmp_path, checkpoint):
+    out = tmp_path / "jac"
+    tool = load_tool("visualize_attention")
+    args = tool.parse_args(["--weights", str(checkpoint), "--jaccard", "12", "--output", str(out), "MODEL.DEVICE", "cpu",
+                            "TEST.DATASET", "Synthetic", "TEST.RESIZE_SIZE", "32", "TEST.CROP_SIZE", "32"])
+    tool.main(args)
+    import json
+
+    result = json.loads((out / "attention_jaccard.json").read_text())
+    assert result["num_images"] == 12 and len(result["per_head"]) == 3  # ViT-tiny's 3 heads
+    assert result["best_head_jaccard"] == pytest.approx(max(result["per_head"]))
+    assert result["per_head"][result["best_head"]] == pytest.approx(max(result["per_head"]))
+    assert result["mean_over_heads"] == pytest.approx(sum(result["per_head"]) / 3)
+    assert all(0 <= j <= 100 for j in result["per_head"])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--random-init", "--weights", str(checkpoint), "--jaccard", "3"])
