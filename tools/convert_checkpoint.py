@@ -9,13 +9,19 @@ their ``argparse.Namespace`` of arguments, so they are refused. This command loa
 full unpickling -- run it ONLY on files whose origin you trust -- and writes a copy that keeps only
 tensors and plain containers (the Namespace becomes a dict of its plain values; other objects are
 dropped and listed).
+
+OUTPUT must be a file name: a directory is refused, and so is the input itself (the same path, or the
+same file through a symbolic or hard link), so that a trusted original is never overwritten. Missing
+parent folders are created. Every refusal or unreadable input is one line on stderr and exit status 2.
 """
 
 import argparse
+import os
+import sys
 
 import torch
 
-from dino_research.checkpoint import atomic_save
+from dino_research.checkpoint import CheckpointError, atomic_save, describe_file, output_path
 
 PLAIN = (str, int, float, bool, type(None))
 _DROP = object()
@@ -48,10 +54,21 @@ def main() -> None:
     parser.add_argument("--trust-pickle", action="store_true", required=True,
                         help="required: confirms you trust INPUT enough to let it run code while loading")
     args = parser.parse_args()
-    data = torch.load(args.input, map_location="cpu", weights_only=False)  # the explicit, trusted opt-in
-    dropped: list = []
-    plain = to_plain(data, "checkpoint", dropped)
-    atomic_save(plain, args.output)
+    try:
+        output_path(args.output, [args.input])  # refused before anything is unpickled
+        if not os.path.isfile(args.input):
+            raise CheckpointError(f"{args.input} is {describe_file(args.input).description}")
+        try:
+            data = torch.load(args.input, map_location="cpu", weights_only=False)  # the explicit, trusted opt-in
+        except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign file makes the unpickler raise
+            raise CheckpointError(f"{args.input} does not load even with --trust-pickle: it is "
+                                  f"{describe_file(args.input).description} ({type(e).__name__})") from None
+        dropped: list = []
+        plain = to_plain(data, "checkpoint", dropped)
+        atomic_save(plain, args.output)
+    except (CheckpointError, OSError) as e:  # the user's to fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.load(args.output, weights_only=True)  # proves the result is safe to load
     print(f"wrote {args.output}; it loads with weights_only=True")
     for item in dropped:

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, exact resume, official DINO weight formats, backbone export."""
+"""Checkpoints: atomic save, exact resume, official DINO weight formats, backbone export, file diagnoses."""
 
 from .checkpointer import (
     LAST_CHECKPOINT,
@@ -12,9 +12,11 @@ from .checkpointer import (
     load_backbone_state,
     load_file,
     load_pretrained,
+    output_path,
     restore_rng_state,
     strip_prefixes,
 )
+from .diagnose import FileKind, checkpoint_like_files, describe_file
 from .integrity import INTEGRITY_KEY, integrity_problem, tensor_checksum, with_integrity
 
 __all__ = [
@@ -24,12 +26,16 @@ __all__ = [
     "TEACHER_BACKBONE",
     "CheckpointError",
     "Checkpointer",
+    "FileKind",
     "atomic_save",
     "capture_rng_state",
+    "checkpoint_like_files",
+    "describe_file",
     "export_backbone",
     "load_backbone_state",
     "load_file",
     "load_pretrained",
+    "output_path",
     "restore_rng_state",
     "integrity_problem",
     "strip_prefixes",

@@ -8,19 +8,21 @@ checkpoint intact.
 
 from __future__ import annotations
 
-import errno
 import glob
 import logging
 import os
 import pickle
 import random
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..utils.errors import UserError
+from .diagnose import (describe_file, fit_problem, is_safetensors, key_list, loader_reason, output_problem,
+                       payload_bytes, write_failure)
 from .integrity import integrity_problem, with_integrity
 
 logger = logging.getLogger(__name__)
@@ -31,13 +33,12 @@ TEACHER_BACKBONE = "teacher_backbone.pth"
 SNAPSHOT_PATTERN = re.compile(r"checkpoint_(\d+)\.pth$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or weights file that cannot be used (or written); the message names the file and
+    the fix. A :class:`UserError`: the tools report it in one line, without a traceback."""
 
 
 _TMP_INFIX = ".tmp."
-# A full disk and an exhausted quota: the two write failures a user fixes by freeing space.
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def free_bytes(folder: str) -> int:
@@ -51,7 +52,13 @@ def _mb(n_bytes: int) -> int:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file."""
+    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file.
+
+    Raises:
+        CheckpointError: the write failed for lack of room (:func:`~.diagnose.write_failure`: full disk,
+            quota, ``ulimit -f``), whatever ``torch.save`` raised; the message names the file, the free
+            and written MB and the fix. Other failures propagate unchanged. No temporary is left.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}{_TMP_INFIX}{os.getpid()}"
@@ -61,17 +68,23 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one file system
-    except OSError as e:
-        if e.errno not in _DISK_FULL:
+    except Exception as e:
+        # Measured while the partial file still fills the disk: "not even room for the rest" is evidence.
+        written, needed = os.path.getsize(tmp) if os.path.exists(tmp) else 0, payload_bytes(obj)
+        try:
+            found = write_failure(e, written, needed, free_bytes(folder))
+        except OSError:  # the folder itself is gone: nothing to diagnose, the original error says it
+            found = None
+        if found is None:
             raise
-        # Measured before the partial temporary is removed, so "needs" is at least what was written.
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        reason, fix = found
+        if os.path.exists(tmp):
+            os.remove(tmp)  # before measuring again: what the user has to free is counted without it
         raise CheckpointError(
-            f"writing {path} failed: {os.strerror(e.errno)} ({_mb(free_bytes(folder))} MB free in {folder}; "
-            f"the file needs more than {_mb(written)} MB). "
+            f"writing {path} failed: {reason} ({_mb(free_bytes(folder))} MB free in {folder}; the file needs about "
+            f"{_mb(max(needed, written))} MB, {_mb(written)} MB were written). "
             + ("The previous file is intact. " if os.path.exists(path) else "")
-            + "Free space there (old checkpoint_*.pth snapshots can go; SOLVER.SNAPSHOT_EPOCHS writes fewer) "
-            "or move OUTPUT_DIR, then run the same command to resume from the last checkpoint."
+            + fix + ", then run the same command to resume from the last checkpoint."
         ) from e
     finally:
         if os.path.exists(tmp):
@@ -87,25 +100,40 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def load_file(path: str) -> Any:
-    """Read a checkpoint or weights file safely (``weights_only=True``) onto the CPU.
+    """Read a checkpoint or weights file safely onto the CPU: ``torch.load(weights_only=True)``, or
+    safetensors for a file in that format.
 
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, or contains pickled objects
-            (code) rather than tensors and containers.
+        CheckpointError: for every file that does not load, saying what it is (:func:`~.diagnose.describe_file`:
+            missing, a directory, truncated, a git-lfs pointer, HTML, text...); for a checksum mismatch;
+            for a torch file holding pickled objects, the only case advised to use ``--trust-pickle``.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"weights file not found: {path}")
+        kind = describe_file(path)
+        if kind.name == "missing":
+            raise CheckpointError(f"weights file not found: {path}" + (f" ({kind.description})" if os.path.islink(path)
+                                                                        else ""))
+        raise CheckpointError(f"{path} is {kind.description}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} contains pickled Python objects, which are refused because loading them could run "
-            f"code ({str(e).splitlines()[0]}). If you trust the file (e.g. an official DINO checkpoint "
-            f"that stores its argparse Namespace), convert it once with "
-            f"`python tools/convert_checkpoint.py --trust-pickle {path} OUT.pth` and use OUT.pth."
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+        if is_safetensors(path):
+            from safetensors.torch import load_file as load_safetensors  # timm's dependency
+
+            data = load_safetensors(path, device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - junk makes the unpickler raise anything (KeyError for text)
+        kind = describe_file(path)
+        if isinstance(e, pickle.UnpicklingError) and kind.pickle_objects:  # a valid pickle that holds objects
+            objects = f" ({', '.join(kind.objects)})" if kind.objects else ""
+            raise CheckpointError(
+                f"{path} contains pickled Python objects{objects}, which are refused because loading them could "
+                f"run code ({loader_reason(e)}). If you trust the file (e.g. an official DINO checkpoint that "
+                f"stores its argparse Namespace), convert it once with "
+                f"`python tools/convert_checkpoint.py --trust-pickle {path} OUT.pth` and use OUT.pth."
+            ) from None
+        # The loader's own words add something only for files of a weights format.
+        detail = f" ({loader_reason(e)})" if kind.name.startswith(("torch", "safetensors", "unknown")) else ""
+        raise CheckpointError(f"{path} is not a readable checkpoint: it is {kind.description}{detail}") from None
     problem = integrity_problem(data)
     if problem:
         raise CheckpointError(f"{path} is corrupt: {problem}")
@@ -154,43 +182,45 @@ def strip_prefixes(state_dict: dict, prefixes=("module.", "backbone.")) -> dict:
     return out
 
 
-def load_backbone_state(backbone: nn.Module, state_dict: dict, source: str, strict: bool = True) -> None:
+# Appended to a partial-load error by load_pretrained (MODEL.WEIGHTS); evaluation has no such opt-in.
+_PARTIAL_FIX = ("or set MODEL.WEIGHTS_PARTIAL True to load what fits and keep the rest at its initialization "
+                "(every missing and unexpected key is then logged)")
+
+
+def _check_fit(*args) -> None:
+    """Raise the :func:`~.diagnose.fit_problem` of ``args``, if any."""
+    if problem := fit_problem(*args):
+        raise CheckpointError(problem)
+
+
+def load_backbone_state(backbone: nn.Module, state_dict: dict, source: str, strict: bool = True,
+                        fix: str = "") -> None:
     """Load a backbone state dict (official DINO layout) into ``backbone``.
 
-    Shapes must fit. With ``strict``, any missing or unexpected key is an error naming the keys;
-    otherwise they are logged.
+    Shapes must fit, and at least one key. With ``strict``, a missing or unexpected key is an error
+    naming the keys, ending with ``fix``; otherwise every such key is logged.
     """
-    own = backbone.state_dict()
-    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if bad_shapes:
-        raise CheckpointError(f"{source}: backbone weights do not fit the model ({'; '.join(bad_shapes[:5])}). "
-                              f"Check MODEL.BACKBONE.NAME and MODEL.BACKBONE.PATCH_SIZE.")
-    if not set(state_dict) & set(own):
-        raise CheckpointError(f"{source}: none of its {len(state_dict)} keys (e.g. {list(state_dict)[:3]}) "
-                              f"is a key of the backbone (e.g. {list(own)[:3]})")
-    result = backbone.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        message = (f"{source}: missing keys {result.missing_keys[:10]}, unexpected keys "
-                   f"{result.unexpected_keys[:10]}")
-        if strict:
-            raise CheckpointError(message + " (is this a backbone of the configured architecture?)")
-        logger.warning(message)
+    _check_fit(backbone.state_dict(), state_dict, source, "backbone", not strict,
+               "MODEL.BACKBONE.NAME, MODEL.BACKBONE.PATCH_SIZE and MODEL.BACKBONE.DEPTH", fix)
+    backbone.load_state_dict(state_dict, strict=False)
 
 
-def _load_network(net: nn.Module, state: dict, source: str) -> None:
-    """Load a ``backbone.*`` + ``head.*`` state (``module.`` stripped) into a MultiCropNetwork."""
+def _load_network(net: nn.Module, state: dict, source: str, partial: bool) -> None:
+    """Load a ``backbone.*`` + ``head.*`` state (``module.`` stripped) into a MultiCropNetwork. Without
+    ``head.*`` weights the head keeps its initialization (logged); head weights must fit like the backbone's."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    load_backbone_state(net.backbone, backbone, source + " (backbone)", strict=False)
-    result = net.head.load_state_dict(head, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        logger.warning("%s (head): missing keys %s, unexpected keys %s", source,
-                       result.missing_keys, result.unexpected_keys)
+    load_backbone_state(net.backbone, backbone, source + " (backbone)", strict=not partial, fix=_PARTIAL_FIX)
+    if not head:
+        logger.info("%s holds no head weights: the projection head keeps its initialization", source)
+        return
+    _check_fit(net.head.state_dict(), head, source + " (head)", "head", partial,
+               "MODEL.HEAD.OUT_DIM, HIDDEN_DIM, BOTTLENECK_DIM, NUM_LAYERS and USE_BN", _PARTIAL_FIX)
+    net.head.load_state_dict(head, strict=False)
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
+def load_pretrained(model: nn.Module, path: str, partial: bool = False) -> str:
     """Initialize a DINO meta-architecture from ``path`` (``MODEL.WEIGHTS``); returns the format found.
 
     Accepted formats:
@@ -202,23 +232,23 @@ def load_pretrained(model: nn.Module, path: str) -> str:
       ``dino_loss`` center): continues pretraining with the head.
     * ``"official_backbone"``: a plain backbone state dict (the released ``dino_vits16`` files, or
       our ``teacher_backbone.pth``): loaded into both student and teacher backbones; heads keep their
-      initialization.
+      initialization (logged; ``head.*`` weights in such a file are not used).
 
-    A backbone weight whose shape does not fit raises :class:`CheckpointError`; missing and unexpected
-    keys are logged.
+    A weight of another shape raises :class:`CheckpointError`; so does a file that fits only partly
+    (another depth, missing blocks: missing or unexpected keys) unless ``partial``
+    (``MODEL.WEIGHTS_PARTIAL``), which logs every such key instead.
     """
     data = load_file(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(data).__name__}")
     if "model" in data and isinstance(data["model"], dict):
-        result = model.load_state_dict(data["model"], strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            logger.warning("%s: missing keys %s, unexpected keys %s", path, result.missing_keys,
-                           result.unexpected_keys)
+        _check_fit(model.state_dict(), data["model"], path, "model", partial,
+                   "MODEL.BACKBONE and MODEL.HEAD against the config stored in the file", _PARTIAL_FIX)
+        model.load_state_dict(data["model"], strict=False)
         return "ours"
     if "student" in data and "teacher" in data:
-        _load_network(model.student, data["student"], f"{path}[student]")
-        _load_network(model.teacher, data["teacher"], f"{path}[teacher]")
+        _load_network(model.student, data["student"], f"{path}[student]", partial)
+        _load_network(model.teacher, data["teacher"], f"{path}[teacher]", partial)
         center = data.get("dino_loss", {}).get("center") if isinstance(data.get("dino_loss"), dict) else None
         if center is not None and hasattr(model.loss, "center") and center.shape == model.loss.center.shape:
             model.loss.center.copy_(center)
@@ -227,15 +257,33 @@ def load_pretrained(model: nn.Module, path: str) -> str:
         if key in data and isinstance(data[key], dict):
             data = data[key]
             break
-    state = strip_prefixes({k: v for k, v in data.items() if not k.startswith("head.")})
+    state = strip_prefixes(data)  # before dropping heads: "module.head.x" is a head weight too
+    heads = [k for k in state if k.startswith("head.")]
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
     for net in (model.student, model.teacher):
-        load_backbone_state(net.backbone, state, path, strict=False)
+        load_backbone_state(net.backbone, state, path, strict=not partial, fix=_PARTIAL_FIX)
+    logger.info("%s is a backbone file: the projection heads keep their initialization%s", path,
+                f" (its {len(heads)} head.* weights are not used)" if heads else "")
     return "official_backbone"
 
 
 def export_backbone(backbone: nn.Module, path: str) -> None:
     """Write ``backbone``'s weights in the official DINO backbone format: a plain state dict."""
     atomic_save({k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}, path)
+
+
+def output_path(output: str, inputs: Sequence[str], default_name: Optional[str] = None) -> str:
+    """The file a tool writes for ``output``: ``output/default_name`` when ``output`` is a directory.
+
+    Raises :class:`CheckpointError` when that file would be one of ``inputs`` (also through a link),
+    is a directory or lies below a file (:func:`~dino_research.checkpoint.diagnose.output_problem`).
+    Missing parent folders are fine: :func:`atomic_save` creates them.
+    """
+    if os.path.isdir(output) and default_name is not None:
+        output = os.path.join(output, default_name)
+    if problem := output_problem(output, inputs):
+        raise CheckpointError(problem)
+    return output
 
 
 class Checkpointer:
@@ -267,7 +315,8 @@ class Checkpointer:
 
     def resume_candidates(self) -> list[str]:
         """Files a run could resume from, in the order they are tried: last checkpoint, then snapshots."""
-        last = [self.last_path] if os.path.isfile(self.last_path) else []
+        # lexists: a broken link or a directory in its place is reported (and skipped), not overlooked.
+        last = [self.last_path] if os.path.lexists(self.last_path) else []
         return last + self.snapshot_paths()
 
     def has_checkpoint(self) -> bool:
@@ -277,8 +326,9 @@ class Checkpointer:
     def find_resumable(self) -> Optional[tuple[str, dict]]:
         """``(path, checkpoint dict)`` of the newest readable checkpoint of ``output_dir``, or None if it holds none.
 
-        ``last_checkpoint.pth`` is tried first, then the snapshots from the newest. A file that is
-        truncated, corrupt (checksum mismatch) or not a training checkpoint is reported and skipped.
+        ``last_checkpoint.pth`` is tried first, then the snapshots from the newest. A file that does
+        not load (truncated, corrupt, junk such as text, HTML or a git-lfs pointer: the error says which)
+        or is not a training checkpoint is reported and skipped.
 
         Raises:
             CheckpointError: checkpoints exist but none is readable. Never silently start from
@@ -290,7 +340,9 @@ class Checkpointer:
             try:
                 data = load_file(path)
                 if not isinstance(data, dict) or "model" not in data or "iteration" not in data:
-                    raise CheckpointError(f"{path} is not a training checkpoint (no 'model'/'iteration' entry)")
+                    held = f"keys {key_list(list(data), 4)}" if isinstance(data, dict) else type(data).__name__
+                    raise CheckpointError(f"{path} is not a training checkpoint (no 'model'/'iteration' entry; it "
+                                          f"holds {held})")
             except CheckpointError as e:
                 failures.append(str(e))
                 logger.error("cannot resume from %s: %s", path, e)

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, safe loading, official DINO formats in and out."""
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,27 @@ def test_export_backbone_tool(tmp_path, make_tiny_cfg):
     assert proc.returncode == 0, proc.stderr
     exported = load_file(str(out))
     assert exported.keys() == model.student.backbone.state_dict().keys()
+
+
+def test_write_failures_are_diagnosed_whatever_the_exception_type():
+    """torch.save may keep no errno at all (its zip writer's RuntimeError): the room left decides."""
+    import errno
+    import resource
+
+    from dino_research.checkpoint.diagnose import write_failure
+
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        pytest.skip("this process runs under a file-size limit, which the diagnosis would name first")
+    mb = 2**20
+    unexpected_pos = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+    assert write_failure(unexpected_pos, 5 * mb, 10 * mb, free=0)[0].startswith("the file system is full (RuntimeError")
+    assert write_failure(unexpected_pos, 5 * mb, 10 * mb, free=100 * 2**30) is None  # room left: another fault
+    try:  # what a file object raised survives as the context of torch's error
+        try:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        except OSError:
+            raise unexpected_pos
+    except RuntimeError as e:
+        assert write_failure(e, 5 * mb, 10 * mb, free=100 * 2**30)[0] == os.strerror(errno.EDQUOT)
+    reason, fix = write_failure(OSError(errno.EFBIG, "File too large"), 4 * 2**30, 5 * 2**30, free=100 * 2**30)
+    assert reason.startswith("File too large: the file system takes no file this large") and "Move OUTPUT_DIR" in fix

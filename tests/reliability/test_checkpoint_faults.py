@@ -1,7 +1,13 @@
-"""Damaged checkpoints: detected on resume, the newest readable snapshot is used, never a silent restart."""
+"""Damaged checkpoints: detected on resume, the newest readable snapshot is used, never a silent restart.
+Write failures for real: a full tmpfs and a file-size limit stop the run clearly, and it resumes."""
 
-import errno
+import json
 import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +18,9 @@ from dino_research.checkpoint import LAST_CHECKPOINT, CheckpointError, atomic_sa
 from dino_research.engine import DINOTrainer, default_setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from test_training import make_cfg, train  # noqa: E402
+from test_training import TINY, make_cfg, train  # noqa: E402
+
+TRAIN_NET = Path(__file__).resolve().parents[2] / "tools" / "train_net.py"
 
 
 def _truncate(path):
@@ -35,6 +43,24 @@ def _zero_bytes(path):
     path.write_bytes(b"")
 
 
+# What a sync or download leaves in place of a checkpoint: each is unreadable, none is a pickle.
+def _text(path):
+    path.write_text("checkpoint moved to /data/old_runs, ask Jo\n")
+
+
+def _html(path):
+    path.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body><form>...</form></body></html>\n")
+
+
+def _json(path):
+    path.write_text(json.dumps({"error": {"code": 404, "message": "Not Found"}}))
+
+
+def _git_lfs_pointer(path):
+    size = path.stat().st_size
+    path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'4d7a2146' * 8}\nsize {size}\n")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-epoch run (8 iterations; snapshots after epochs 1 and 2)."""
@@ -50,8 +76,12 @@ def _copy_run(src, dst, files):
     return dst
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_a_weight_byte, _zero_bytes], ids=["truncated", "bit-flip", "empty"])
-def test_damaged_last_checkpoint_falls_back_to_newest_snapshot(tmp_path, finished_run, damage):
+@pytest.mark.parametrize("damage, kind", [
+    (_truncate, "cut short after"), (_flip_a_weight_byte, "does not match the checksum"), (_zero_bytes, "an empty file"),
+    (_text, "plain text, not weights"), (_html, "an HTML page, not weights: the download saved an error or login page"),
+    (_json, "a JSON document (keys ['error'])"), (_git_lfs_pointer, "a git-lfs pointer, not the file"),
+], ids=["truncated", "bit-flip", "empty", "text", "html", "json", "git-lfs-pointer"])
+def test_damaged_last_checkpoint_falls_back_to_newest_snapshot(tmp_path, finished_run, damage, kind):
     out = _copy_run(finished_run, tmp_path / "run", [LAST_CHECKPOINT, "checkpoint_0001.pth", "checkpoint_0002.pth"])
     # Make "last" newer than every snapshot, then damage it and the newest snapshot.
     damage(out / LAST_CHECKPOINT)
@@ -66,6 +96,8 @@ def test_damaged_last_checkpoint_falls_back_to_newest_snapshot(tmp_path, finishe
     log = (out / "log.txt").read_text()
     assert "resuming from" in log and "checkpoint_0001.pth (iteration 4)" in log
     assert f"cannot resume from {out / LAST_CHECKPOINT}" in log and "checkpoint_0002.pth" in log  # both named
+    # Each file is described by what it is, and none is called a pickle to convert with --trust-pickle.
+    assert log.count(kind) >= 2 and "--trust-pickle" not in log, log
     expected = load_file(str(finished_run / "checkpoint_0001.pth"))["model"]
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
@@ -147,31 +179,89 @@ def test_pickled_code_is_refused_and_never_executed(tmp_path):
     assert marker.exists()
 
 
-def test_a_full_disk_stops_the_run_clearly_and_it_resumes_once_space_is_back(tmp_path, finished_run, monkeypatch):
-    real_save, calls = torch.save, []
+def _assert_equals_the_uninterrupted_run(out, finished_run):
+    expected = load_file(str(finished_run / LAST_CHECKPOINT))
+    got = load_file(str(out / LAST_CHECKPOINT))
+    assert got["iteration"] == expected["iteration"] == 8
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key
 
-    def save_until_the_disk_fills(obj, f):
-        calls.append(1)
-        if len(calls) < 2:  # last_checkpoint.pth after iteration 3 is written, the one after 4 is not
-            return real_save(obj, f)
-        f.write(b"\0" * 3 * 2**20)  # what the write manages before the file system is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
-    with pytest.raises(CheckpointError, match=r"writing .*\.pth failed: No space left on device \(\d+ MB free in "
-                                              r".*needs more than 3 MB\)\. The previous file is intact\..*"
-                                              r"run the same command to resume"):
-        train(make_cfg(tmp_path))
-    monkeypatch.setattr(torch, "save", real_save)
-    assert not list(tmp_path.glob("*.tmp.*"))  # the partial write is gone
-    kept = load_file(str(tmp_path / LAST_CHECKPOINT))  # and the checkpoint before it still loads
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``mount(size)``: a tmpfs of ``size`` bytes at ``tmp_path/disk``; ``grow(size)`` remounts it larger."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def run(*args):
+        return subprocess.run(args, capture_output=True, text=True)
+
+    def mount(size):
+        proc = run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk))
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}: mounting needs root "
+                        f"with CAP_SYS_ADMIN); the RLIMIT_FSIZE test below covers a real failed write everywhere")
+        mounted.append(disk)
+        return disk
+
+    def grow(size):
+        assert run("mount", "-o", f"remount,size={size}", str(disk)).returncode == 0
+
+    yield mount, grow
+    for path in mounted:  # lazily: the run's log file may still be open
+        run("umount", "-l", str(path))
+
+
+def test_a_full_disk_stops_the_run_clearly_and_it_resumes_once_space_is_back(finished_run, small_tmpfs):
+    mount, grow = small_tmpfs
+    size = (finished_run / LAST_CHECKPOINT).stat().st_size
+    # Room for one checkpoint and half: iteration 3's fits, iteration 4's temporary copy fills the disk.
+    out = mount(size + size // 2) / "run"
+    with pytest.raises(CheckpointError) as failure:
+        train(make_cfg(out))
+    message = str(failure.value)
+    assert re.search(rf"writing {re.escape(str(out / LAST_CHECKPOINT))} failed: No space left on device \(\d+ MB free "
+                     rf"in {re.escape(str(out))}; the file needs about \d+ MB, \d+ MB were written\)\. The previous "
+                     rf"file is intact\. Free space there .*or move OUTPUT_DIR, then run the same command to resume",
+                     message), message
+    assert failure.value.__cause__ is not None  # what torch.save really raised is kept (not an injected OSError)
+    assert not list(out.glob("*.tmp.*"))  # the partial write is gone
+    kept = load_file(str(out / LAST_CHECKPOINT))  # and the checkpoint before it still loads, checksum included
     assert kept["iteration"] == 3
+    assert "the next checkpoint write may fail" in (out / "log.txt").read_text()  # warned after iteration 3
 
-    resumed = train(make_cfg(tmp_path))  # space is back: the same command finishes the run
+    grow(6 * size)  # space is back: the same command finishes the run
+    resumed = train(make_cfg(out))
     assert resumed.start_iter == kept["iteration"]
-    expected = load_file(str(finished_run / LAST_CHECKPOINT))["model"]
-    for key, value in resumed.model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    _assert_equals_the_uninterrupted_run(out, finished_run)
+
+
+def test_a_file_size_limit_stops_the_run_clearly_and_it_resumes_once_lifted(tmp_path, finished_run):
+    out = _copy_run(finished_run, tmp_path / "run", ["checkpoint_0001.pth"])
+    shutil.copyfile(out / "checkpoint_0001.pth", out / LAST_CHECKPOINT)  # the run after epoch 1 (iteration 4)
+    before = (out / LAST_CHECKPOINT).read_bytes()
+    limit = 16 * 2**20  # the logs fit, a checkpoint (~90 MB) does not
+    assert limit < len(before)
+
+    def under_the_limit():  # in the child: writes past the limit fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, str(TRAIN_NET), *TINY, "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(command, preexec_fn=under_the_limit, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a user error: one message
+    assert re.search(rf"writing {re.escape(str(out / LAST_CHECKPOINT))} failed: the file reached this process's "
+                     rf"file-size limit \(RLIMIT_FSIZE, `ulimit -f`\) of 16 MB \(\d+ MB free in {re.escape(str(out))}; "
+                     rf"the file needs about \d+ MB, 16 MB were written\)\. The previous file is intact\. Raise the "
+                     rf"limit \(`ulimit -f unlimited`.*run the same command to resume", proc.stderr), proc.stderr[-3000:]
+    assert not list(out.glob("*.tmp.*"))
+    assert (out / LAST_CHECKPOINT).read_bytes() == before  # untouched, byte for byte
+
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)  # the same command, no limit
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in (out / "log.txt").read_text()
+    _assert_equals_the_uninterrupted_run(out, finished_run)
 
 
 def test_low_disk_space_is_warned_about_after_a_checkpoint(tmp_path, monkeypatch, caplog):
