@@ -38,8 +38,8 @@ STATE_KEYS = (
 RUN_KEYS = (
     "SOLVER.EPOCHS", "LOG_PERIOD", "TEST.", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.SNAPSHOT_EPOCHS",
     "SOLVER.SKIP_NONFINITE", "SOLVER.BATCH_SIZE_PER_GPU", "SOLVER.ACCUMULATE_STEPS", "DATALOADER.",
-    "MODEL.DEVICE", "MODEL.WEIGHTS", "OUTPUT_DIR", "IMPORTS", "DATASETS.TRAIN_ROOT", "DATASETS.DOWNLOAD",
-    "VERSION",
+    "MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.WEIGHTS_PARTIAL", "OUTPUT_DIR", "IMPORTS", "DATASETS.TRAIN_ROOT",
+    "DATASETS.DOWNLOAD", "VERSION",
 )
 
 
@@ -74,12 +74,21 @@ def _same(a, b) -> bool:
 
 def config_differences(stored_dump: str, cfg) -> list[tuple[str, object, object]]:
     """``(key, checkpoint value, current value)`` of every leaf key whose value differs, sorted.
-    A key present on one side only (a newer library or a project's key) counts as a difference."""
+
+    A key the checkpoint's config lacks (added by a newer library version after the checkpoint was
+    written) is no difference when its current value is the default, which the old run implicitly
+    used. Otherwise a key present on one side only is reported, with ``"(absent)"`` on the other.
+    """
+    from ..config import get_cfg
+
     old, new = _flatten_dump(stored_dump), flatten_config(cfg)
+    defaults = flatten_config(get_cfg())
     missing = object()
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
+        if a is missing and key in defaults and _same(b, defaults[key]):
+            continue
         if not _same(a, b):
             out.append((key, "(absent)" if a is missing else a, "(absent)" if b is missing else b))
     return out
@@ -153,6 +162,9 @@ def check_resume(cfg, data: dict, path: str, *, iters_per_epoch: int, total_batc
         diffs = config_differences(dump, cfg)
     for key, old, new in diffs:
         line = f"{key}: {old!r} in the checkpoint, {new!r} now"
+        if new == "(absent)":  # a key of an older version, or of a project no longer imported
+            accepted.append(line + " (no longer a config key here: ignored)")
+            continue
         kind = key_class(key)
         if kind == "state":
             refused.append(f"{line} ({_state_reason(key)})")

@@ -116,6 +116,11 @@ def test_key_classes_and_differences():
     assert config_differences(dump, changed) == [("INPUT.GLOBAL_CROPS_SCALE", [0.4, 1.0], (0.3, 1.0)),
                                                  ("SOLVER.EPOCHS", 2, 5)]
     assert ("OLD.KEY", 1, "(absent)") in config_differences(dump + "OLD:\n  KEY: 1\n", cfg)
+    # A key added after the checkpoint was written is no difference while it holds its default.
+    older = dump.replace("  EXIF_TRANSPOSE: true\n", "")
+    assert older != dump and config_differences(older, cfg) == []
+    no_exif = make_cfg("/tmp/x", "INPUT.EXIF_TRANSPOSE", "False")
+    assert config_differences(older, no_exif) == [("INPUT.EXIF_TRANSPOSE", "(absent)", False)]
 
 
 def test_state_that_does_not_fit_is_a_message_not_a_size_mismatch_traceback():
