@@ -8,12 +8,15 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import pickle
 import random
 import re
+import socket
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -41,6 +44,30 @@ class CheckpointError(UserError, RuntimeError):
 _TMP_INFIX = ".tmp."
 
 
+def temporary_name(path: str) -> str:
+    """``PATH.tmp.HOST.PID``: the temporary a write of ``path`` goes through, named by its writer so
+    that only a dead writer's temporaries are ever removed (see ``remove_stale_temporaries``)."""
+    return f"{path}{_TMP_INFIX}{socket.gethostname()}.{os.getpid()}"
+
+
+def _writer_is_dead(tmp: str, stale_after_s: float) -> bool:
+    """Whether the process that wrote temporary ``tmp`` is gone: this host's PID not running (older
+    files named ``.tmp.PID`` count as this host's); another host's file untouched for ``stale_after_s``
+    (its writer cannot be asked, but a live write keeps the file's time moving)."""
+    from ..utils.run_lock import process_alive
+
+    tag = tmp.rsplit(_TMP_INFIX, 1)[1]
+    host, _, pid = tag.rpartition(".")
+    if not pid.isdigit():
+        return False  # not one of ours
+    if host in ("", socket.gethostname()):
+        return not process_alive(int(pid))
+    try:
+        return time.time() - os.stat(tmp).st_mtime > stale_after_s
+    except FileNotFoundError:
+        return False
+
+
 def free_bytes(folder: str) -> int:
     """Bytes an unprivileged process can still write to the file system holding ``folder``."""
     st = os.statvfs(folder)
@@ -61,7 +88,7 @@ def atomic_save(obj: Any, path: str) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}{_TMP_INFIX}{os.getpid()}"
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -359,18 +386,25 @@ class Checkpointer:
             )
         return None
 
-    def remove_stale_temporaries(self) -> list[str]:
-        """Delete ``*.pth.tmp.PID`` files left by a write that was killed (main process; call before training)."""
+    def remove_stale_temporaries(self, stale_after_s: float = 600.0) -> list[str]:
+        """Delete the ``*.pth.tmp.HOST.PID`` files of killed writes whose writer is dead (main process;
+        call before training): a live writer's temporary (an export tool writing into OUTPUT_DIR, a
+        write on another node) is left alone, see :func:`_writer_is_dead`."""
         if not self.is_main:
             return []
-        stale = glob.glob(os.path.join(glob.escape(self.output_dir), f"*.pth{_TMP_INFIX}*"))
+        found = glob.glob(os.path.join(glob.escape(self.output_dir), f"*.pth{_TMP_INFIX}*"))
+        stale = [path for path in found if _writer_is_dead(path, stale_after_s)]
         for path in stale:
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         if stale:
             logger.warning("removed %d temporary file(s) of an interrupted checkpoint write: %s", len(stale),
                            ", ".join(os.path.basename(p) for p in stale))
+        live = sorted(set(found) - set(stale))
+        if live:
+            logger.info("left %d temporary file(s) of a write still in progress (its writer is alive): %s",
+                        len(live), ", ".join(os.path.basename(p) for p in live))
         return stale
-
     def state(self, **extra) -> dict:
         state = {"model": self.model.state_dict()}
         if self.optimizer is not None:

@@ -179,3 +179,29 @@ def test_output_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"OUTPUT_DIR = {target} is a file" in proc.stderr
     assert target.read_text() == "precious"
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    import torch
+
+    from dino_research.checkpoint import Checkpointer
+
+    me = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        files = {
+            "dead": tmp_path / f"last_checkpoint.pth.tmp.{me}.{_dead_pid()}",
+            "old_format_dead": tmp_path / f"checkpoint_0001.pth.tmp.{_dead_pid()}",
+            "alive": tmp_path / f"teacher_backbone.pth.tmp.{me}.{sleeper.pid}",  # e.g. an export in progress
+            "other_host_fresh": tmp_path / "last_checkpoint.pth.tmp.node-042.77",
+            "other_host_old": tmp_path / "checkpoint_0002.pth.tmp.node-042.78",
+        }
+        for path in files.values():
+            path.write_bytes(b"partial")
+        old = time.time() - 3600
+        os.utime(files["other_host_old"], (old, old))
+        removed = Checkpointer(str(tmp_path), torch.nn.Linear(1, 1)).remove_stale_temporaries(stale_after_s=600)
+        assert sorted(removed) == sorted(str(files[k]) for k in ("dead", "old_format_dead", "other_host_old"))
+        assert files["alive"].exists() and files["other_host_fresh"].exists()
+    finally:
+        sleeper.kill()
