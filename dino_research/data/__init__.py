@@ -1,6 +1,7 @@
 """Data: registries and builders, then the modules that register augmentations and datasets."""
 
-from .build import AUGMENTATION_REGISTRY, DATASET_REGISTRY, build_augmentation, build_dataset, fixed_subset
+from .build import (AUGMENTATION_REGISTRY, DATASET_REGISTRY, DatasetError, build_augmentation, build_dataset,
+                    fixed_subset)
 from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
 from .datasets import UnreadableImageError
 from .eval_transforms import build_eval_transform
@@ -10,6 +11,7 @@ from .samplers import ResumableDistributedSampler, derive_seed
 __all__ = [
     "AUGMENTATION_REGISTRY",
     "DATASET_REGISTRY",
+    "DatasetError",
     "PretrainLoader",
     "ResumableDistributedSampler",
     "SeededSampleDataset",

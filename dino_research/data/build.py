@@ -8,7 +8,14 @@ import torch
 from fvcore.common.registry import Registry
 from torch.utils.data import Dataset, Subset
 
+from ..utils.errors import UserError
 from ..utils.registry import lookup
+
+
+class DatasetError(UserError, ValueError):
+    """Data that no run can use: a missing or empty root, a wrong layout, a broken list or idx file, a
+    subset larger than the dataset. The message names the root or file and the expected layout; the
+    tools report it in one line (a ``ValueError`` too, for code that caught those before)."""
 
 AUGMENTATION_REGISTRY = Registry("AUGMENTATION")
 AUGMENTATION_REGISTRY.__doc__ = """
@@ -38,9 +45,11 @@ def build_augmentation(cfg) -> Callable:
     return aug
 
 
-def build_dataset(cfg, name: str, root: str, train: bool, transform: Callable | None):
-    """Build the registered dataset ``name`` at ``root`` with ``transform`` applied to each image."""
-    return lookup(DATASET_REGISTRY, name, "DATASETS.TRAIN")(cfg, root=root, train=train, transform=transform)
+def build_dataset(cfg, name: str, root: str, train: bool, transform: Callable | None,
+                  key: str = "DATASETS.TRAIN"):
+    """Build the registered dataset ``name`` at ``root`` with ``transform`` applied to each image;
+    ``key`` is the config key that named it (in the error for an unknown name)."""
+    return lookup(DATASET_REGISTRY, name, key)(cfg, root=root, train=train, transform=transform)
 
 
 # Stream tag of the subset draw: it never coincides with the sampler's or the augmentations' seeds.
@@ -56,7 +65,7 @@ def fixed_subset(dataset: Dataset, size: int, seed: int, key: str = "DATASETS.TR
     if size == 0:
         return dataset
     if not 0 < size <= len(dataset):
-        raise ValueError(f"{key} = {size}: must be 0 (all) or between 1 and the dataset's {len(dataset)} images")
+        raise DatasetError(f"{key} = {size}: must be 0 (all) or between 1 and the dataset's {len(dataset)} images")
     generator = torch.Generator().manual_seed(derive_seed(_SUBSET_STREAM, seed) % 2**63)
     indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values
     return Subset(dataset, indices.tolist())

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..config import configurable
-from .build import DATASET_REGISTRY
+from .build import DATASET_REGISTRY, DatasetError
 from .folders import IMAGE_EXTENSIONS, is_image_name, join, list_images, real_dir_key
 from .images import UnreadableImageError, apply_exif_orientation, load_image, to_rgb
 
@@ -83,27 +83,27 @@ class ImageFolder(Dataset):
     def __init__(self, *, root: str, transform: Callable | None = None, classes: Sequence[str] | None = None,
                  unknown_classes: str = "error", classes_source: str = "", exif_transpose: bool = True):
         if unknown_classes not in UNKNOWN_CLASS_POLICIES:
-            raise ValueError(f"ImageFolder: unknown_classes must be one of {', '.join(UNKNOWN_CLASS_POLICIES)} "
+            raise DatasetError(f"ImageFolder: unknown_classes must be one of {', '.join(UNKNOWN_CLASS_POLICIES)} "
                              f"(config: TEST.UNKNOWN_VAL_CLASSES), got {unknown_classes!r}")
         expected = (
             f"expected a folder holding one sub-folder per class, each containing images "
             f"({', '.join(IMAGE_EXTENSIONS)}, any case)"
         )
         if not g_pathmgr.exists(root):
-            raise ValueError(f"ImageFolder: root {root!r} does not exist; {expected}")
+            raise DatasetError(f"ImageFolder: root {root!r} does not exist; {expected}")
         if not g_pathmgr.isdir(root):
-            raise ValueError(f"ImageFolder: root {root!r} is not a folder; {expected}")
+            raise DatasetError(f"ImageFolder: root {root!r} is not a folder; {expected}")
         names = sorted(n for n in g_pathmgr.ls(root) if not n.startswith("."))
         folders = [n for n in names if not is_image_name(n) and g_pathmgr.isdir(join(root, n))]
         if not folders:
             loose = sum(is_image_name(n) for n in names)
-            raise ValueError(
+            raise DatasetError(
                 f"ImageFolder: root {root!r} has no class sub-folders ({loose} image files lie directly "
                 f"inside); {expected}. Move the images into root/<class>/, or list them with FileList."
             )
         classes = list(folders if classes is None else classes)
         if len(set(classes)) != len(classes):
-            raise ValueError(f"ImageFolder: classes must be distinct names, got {classes}")
+            raise DatasetError(f"ImageFolder: classes must be distinct names, got {classes}")
         class_to_idx = {name: i for i, name in enumerate(classes)}
         # One set of walked folders for the whole root, the root and the class folders first.
         visited = {key for key in map(real_dir_key, [root] + [join(root, n) for n in folders]) if key is not None}
@@ -117,7 +117,7 @@ class ImageFolder(Dataset):
             else:
                 samples.extend((path, class_to_idx[name]) for path in files)
         if empty:
-            raise ValueError(
+            raise DatasetError(
                 f"ImageFolder: root {root!r}: {len(empty)} of {len(folders)} class folders contain no "
                 f"images: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; {expected}"
             )
@@ -139,7 +139,7 @@ class ImageFolder(Dataset):
         shown = ", ".join(f"{name!r} ({count} images)" for name, count in list(unknown.items())[:10])
         shown += " ..." if len(unknown) > 10 else ""
         if policy == "error":
-            raise ValueError(
+            raise DatasetError(
                 f"ImageFolder: root {root!r} has {len(unknown)} class folder(s) that {source} does not have: "
                 f"{shown}. Labels come from one class index, so these images have none. Fix: add the "
                 f"class(es) to {source}, remove them from {root!r}, or drop their images with "
@@ -149,7 +149,7 @@ class ImageFolder(Dataset):
                        "ignored (TEST.UNKNOWN_VAL_CLASSES ignore): %s", root, sum(unknown.values()),
                        len(unknown), source, shown)
         if not samples:
-            raise ValueError(f"ImageFolder: root {root!r}: no image left once the class folders that {source} "
+            raise DatasetError(f"ImageFolder: root {root!r}: no image left once the class folders that {source} "
                              f"does not have are ignored")
         return samples
 
@@ -187,7 +187,7 @@ class FileList(Dataset):
     @configurable
     def __init__(self, *, list_file: str, transform: Callable | None = None, exif_transpose: bool = True):
         if not g_pathmgr.isfile(list_file):
-            raise ValueError(
+            raise DatasetError(
                 f"FileList: list file {list_file!r} does not exist (or is a folder); expected a text "
                 f"file with one 'PATH [LABEL]' per line"
             )
@@ -205,7 +205,7 @@ class FileList(Dataset):
                 continue
             label = -1
             if len(fields) > 2 or (len(fields) == 2 and not _is_label(fields[1])):
-                raise ValueError(
+                raise DatasetError(
                     f"FileList: {list_file}:{number}: expected 'PATH [LABEL]' with an integer LABEL >= -1 "
                     f"and no whitespace in PATH; got {line.strip()!r}"
                 )
@@ -217,7 +217,7 @@ class FileList(Dataset):
             samples.append((path, label))
             line_numbers.append(number)
         if not samples:
-            raise ValueError(f"FileList: list file {list_file!r} lists no images")
+            raise DatasetError(f"FileList: list file {list_file!r} lists no images")
         self.list_file = list_file
         self.transform = transform
         self.exif_transpose = exif_transpose
@@ -275,7 +275,7 @@ class Synthetic(Dataset):
         self, *, num_images: int, image_size: int, train: bool = True, transform: Callable | None = None
     ):
         if num_images < 0 or image_size <= 0:
-            raise ValueError(
+            raise DatasetError(
                 f"Synthetic: DATASETS.SYNTHETIC_SIZE must be >= 0 and DATASETS.SYNTHETIC_IMAGE_SIZE > 0; "
                 f"got {num_images} and {image_size}"
             )

@@ -49,9 +49,9 @@ def build_eval_datasets(cfg, train_transform: Callable | None, val_transform: Ca
     Raises ``ValueError`` naming the root when a split is missing or empty (raised by the dataset).
     """
     name, train_root, val_root = cfg.TEST.DATASET, cfg.TEST.TRAIN_ROOT, cfg.TEST.VAL_ROOT
-    train = build_dataset(cfg, name, train_root, train=True, transform=train_transform)
+    train = build_dataset(cfg, name, train_root, train=True, transform=train_transform, key="TEST.DATASET")
     if not isinstance(train, ImageFolder):
-        return train, build_dataset(cfg, name, val_root, train=False, transform=val_transform)
+        return train, build_dataset(cfg, name, val_root, train=False, transform=val_transform, key="TEST.DATASET")
     val = lookup(DATASET_REGISTRY, name, "TEST.DATASET")(
         cfg, root=val_root, train=False, transform=val_transform, classes=train.classes,
         unknown_classes=cfg.TEST.UNKNOWN_VAL_CLASSES,

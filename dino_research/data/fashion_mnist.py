@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import configurable
-from .build import DATASET_REGISTRY
+from .build import DATASET_REGISTRY, DatasetError
 
 __all__ = ["DEBIAN_ROOT", "FashionMNIST", "read_idx"]
 
@@ -47,21 +47,21 @@ def read_idx(path: str, magic: int) -> np.ndarray:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"Fashion-MNIST: {path} is not a valid gzip file (truncated or corrupt?): {e}") from e
+            raise DatasetError(f"Fashion-MNIST: {path} is not a valid gzip file (truncated or corrupt?): {e}") from e
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if found != magic:
         kind = "images" if magic == IMAGES_MAGIC else "labels"
-        raise ValueError(
+        raise DatasetError(
             f"Fashion-MNIST: {path} is not an idx {kind} file: magic number {found} (expected {magic})"
         )
     if len(data) < header:
-        raise ValueError(f"Fashion-MNIST: {path} is truncated: {len(data)} bytes, shorter than its header")
+        raise DatasetError(f"Fashion-MNIST: {path} is truncated: {len(data)} bytes, shorter than its header")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(data) != expected:
-        raise ValueError(
+        raise DatasetError(
             f"Fashion-MNIST: {path} is truncated or corrupt: its header announces shape {dims} "
             f"({expected} bytes) but it holds {len(data)} bytes"
         )
@@ -123,7 +123,7 @@ class FashionMNIST(Dataset):
         found, tried = _locate(folder, prefix)
         if found is None and download:
             if not root:
-                raise ValueError(
+                raise DatasetError(
                     "Fashion-MNIST: DATASETS.DOWNLOAD needs a writable root folder to download into; "
                     f"the dataset root is '' (which means {DEBIAN_ROOT})"
                 )
@@ -132,7 +132,7 @@ class FashionMNIST(Dataset):
             _TorchvisionFashionMNIST(root, train=train, download=True)
             found, tried = _locate(folder, prefix)
         if found is None:
-            raise ValueError(
+            raise DatasetError(
                 f"Fashion-MNIST: no {prefix} split under root {folder!r}; tried: {', '.join(tried)}. "
                 f"Install it with `apt-get install dataset-fashion-mnist` (files in {DEBIAN_ROOT}, used "
                 f"when the root is ''), point the root at a folder holding the idx files, or set "
@@ -142,12 +142,12 @@ class FashionMNIST(Dataset):
         images = read_idx(images_path, IMAGES_MAGIC)
         labels = read_idx(labels_path, LABELS_MAGIC)
         if len(images) != len(labels):
-            raise ValueError(
+            raise DatasetError(
                 f"Fashion-MNIST: {images_path} holds {len(images)} images but {labels_path} "
                 f"{len(labels)} labels"
             )
         if len(labels) and int(labels.max()) >= len(self.classes):
-            raise ValueError(
+            raise DatasetError(
                 f"Fashion-MNIST: {labels_path} has label {int(labels.max())}; expected 0..{len(self.classes) - 1}"
             )
         self.root = folder

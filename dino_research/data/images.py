@@ -13,6 +13,8 @@ import numpy as np
 from iopath.common.file_io import g_pathmgr
 from PIL import Image, UnidentifiedImageError
 
+from ..utils.errors import UserError
+
 __all__ = ["UnreadableImageError", "apply_exif_orientation", "load_image", "to_rgb"]
 
 logger = logging.getLogger("dino_research")
@@ -43,7 +45,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(UserError, OSError):
     """An image file that cannot be opened, decoded or converted to RGB (missing, truncated, not an
     image, over Pillow's decompression-bomb limit...). Message: ``cannot read image {path!r}: {reason}``,
     followed by ``hint`` when one is given.

@@ -96,6 +96,12 @@ def resolve_device(cfg) -> torch.device:
     raise ValueError(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} is not one of: auto, cpu, cuda")
 
 
+def _holds_training_run(folder: str) -> bool:
+    """Whether ``folder`` holds a training run's checkpoints (or a live run's lock)."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("last_checkpoint.pth", "run.lock")) or any(
+        name.startswith("checkpoint_") and name.endswith(".pth") for name in os.listdir(folder))
+
+
 def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None,
                   config_file: str | None = "config.yaml") -> None:
     """Per-process set-up: output folder, logs (per rank), environment summary, seeds, config dump.
@@ -103,6 +109,8 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None,
     Every rank seeds ``SEED + rank`` (so drop path differs across ranks, as independent GPUs would);
     the main process writes the merged config to ``OUTPUT_DIR/config_file`` (None: not written; the
     trainer writes ``config.yaml`` itself once a resume was checked against the checkpoint's config).
+    In a folder that holds a training run's checkpoints, ``config.yaml`` is left to describe them and
+    the tool's config is written as ``config_TOOL.yaml`` (TOOL: the script's name).
 
     Raises:
         UserError: ``OUTPUT_DIR`` is a file or not writable (before anything is written).
@@ -116,6 +124,11 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None,
         logger.info("command line: %s", " ".join(sys.argv))
     if comm.is_main_process() and config_file:
         path = os.path.join(cfg.OUTPUT_DIR, config_file)
+        if config_file == "config.yaml" and _holds_training_run(cfg.OUTPUT_DIR):
+            # An evaluation pointed at a training run's folder: config.yaml keeps describing the
+            # checkpoints there; this tool's config goes beside it under the tool's name.
+            tool = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "tool"
+            path = os.path.join(cfg.OUTPUT_DIR, f"config_{tool}.yaml")
         with open(path, "w") as f:
             f.write(cfg.dump())
         logger.info("full config written to %s", path)

@@ -264,6 +264,6 @@ def attention_images(cfg, num_images: int | None = None) -> list:
 
     crop = T.Compose([T.Resize(cfg.TEST.RESIZE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(cfg.TEST.CROP_SIZE)])
-    dataset = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.VAL_ROOT, train=False, transform=crop)
+    dataset = build_dataset(cfg, cfg.TEST.DATASET, cfg.TEST.VAL_ROOT, train=False, transform=crop, key="TEST.DATASET")
     n = min(cfg.TEST.ATTENTION.NUM_IMAGES if num_images is None else num_images, len(dataset))
     return [dataset[i * len(dataset) // n][0] for i in range(n)]

@@ -147,3 +147,24 @@ def test_a_run_failing_at_its_last_iteration_exports_nothing(tmp_path):
     assert not trainer.completed
     assert not (tmp_path / "teacher_backbone.pth").exists()
     assert "exported" not in (tmp_path / "log.txt").read_text()
+
+
+def test_a_missing_data_root_is_one_message(tmp_path):
+    proc = _run(*TINY, "DATASETS.TRAIN", "ImageFolder", "DATASETS.TRAIN_ROOT", str(tmp_path / "nowhere"),
+                "OUTPUT_DIR", str(tmp_path / "run"))
+    _assert_one_message(proc, f"ImageFolder: root '{tmp_path / 'nowhere'}' does not exist")
+
+
+def test_an_evaluation_in_a_training_folder_leaves_its_config_yaml_alone(tmp_path):
+    out = tmp_path / "run"
+    assert _run(*TINY, "SOLVER.EPOCHS", "1", "OUTPUT_DIR", str(out)).returncode == 0
+    before = (out / "config.yaml").read_text()
+    proc = _run(*TINY, "TEST.DATASET", "Synthetic", "TEST.CROP_SIZE", "32", "TEST.RESIZE_SIZE", "32",
+                "TEST.KNN.K", "(1,)", "OUTPUT_DIR", str(out), "--weights", str(out / "last_checkpoint.pth"),
+                tool="eval_knn.py")
+    assert proc.returncode == 2 and "looks like an option" in proc.stderr  # options come first
+    proc = _run("--weights", str(out / "last_checkpoint.pth"), *TINY, "TEST.DATASET", "Synthetic", "TEST.CROP_SIZE",
+                "32", "TEST.RESIZE_SIZE", "32", "TEST.KNN.K", "(1,)", "OUTPUT_DIR", str(out), tool="eval_knn.py")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.yaml").read_text() == before
+    assert "KNN" in (out / "config_eval_knn.yaml").read_text()
