@@ -176,9 +176,7 @@ def build_trainer(precision: str, batch: int, output_dir: str, opts: Sequence = 
         "OUTPUT_DIR", output_dir, *opts,
     ])
     cfg.freeze()
-    trainer = DINOTrainer(cfg)
-    trainer.hooks = []
-    return trainer
+    return DINOTrainer(cfg, default_hooks=False)
 
 
 def fixed_batch(cfg, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -240,7 +238,8 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(precision, batch, output_dir, opts)
             crops_and_labels = fixed_batch(trainer.cfg, batch)
-            trainer._data = itertools.repeat(crops_and_labels)  # in memory: data loading excluded
+            trainer.data_source = lambda start: itertools.repeat(crops_and_labels)  # in memory: no data loading
+            trainer.open_data(0)
             with EventStorage(0) as trainer.storage:
                 with OtherLoad() as other_load:
                     times, probes = time_steps(trainer, warmup, iters, lambda: {

@@ -60,7 +60,7 @@ def compute_features(cfg, args):
         backbone = nn.Flatten(1)  # (B, 3, H, W) -> (B, 3HW); extract_features L2-normalizes the rows
     elif args.random_init:
         seed_all(cfg.SEED)  # as the trainer does right before building the model
-        backbone = build_model(cfg).teacher.backbone
+        backbone = build_model(cfg).backbone_for_eval()
     else:
         backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
     backbone.to(device)

@@ -15,25 +15,19 @@ its input. Every refusal or unreadable input is one line on stderr and exit stat
 import argparse
 import sys
 
-from dino_research.checkpoint import CheckpointError, atomic_save, load_file, output_path
+from dino_research.checkpoint import CheckpointError, atomic_save, backbone_state, load_file, output_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint written by tools/train_net.py")
+    parser.add_argument("checkpoint", help="a checkpoint written by tools/train_net.py (or an official DINO file)")
     parser.add_argument("output", help="where to write the backbone state dict (a file, or a directory)")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="which network's backbone (the teacher is the one the paper evaluates)")
     args = parser.parse_args()
     try:
         output = output_path(args.output, [args.checkpoint], default_name=f"{args.which}_backbone.pth")
-        data = load_file(args.checkpoint)
-        if not isinstance(data, dict) or "model" not in data:
-            raise CheckpointError(f"{args.checkpoint}: not a dino_research training checkpoint (no 'model' entry)")
-        prefix = f"{args.which}.backbone."
-        state = {k[len(prefix):]: v for k, v in data["model"].items() if k.startswith(prefix)}
-        if not state:
-            raise CheckpointError(f"{args.checkpoint}: no '{prefix}*' weights found")
+        state = backbone_state(load_file(args.checkpoint), args.which, args.checkpoint)
         atomic_save(state, output)
     except (CheckpointError, OSError) as e:  # the user's to fix: one line, no traceback
         print(f"error: {e}", file=sys.stderr)

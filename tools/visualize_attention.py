@@ -89,7 +89,7 @@ def main(args) -> None:
     default_setup(cfg, args)
     if args.random_init:
         seed_all(cfg.SEED)  # as the trainer does right before building the model
-        backbone = build_model(cfg).teacher.backbone.eval()
+        backbone = build_model(cfg).backbone_for_eval().eval()
     else:
         backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
     name = cfg.MODEL.BACKBONE.NAME

@@ -7,6 +7,7 @@ from .checkpointer import (
     CheckpointError,
     Checkpointer,
     atomic_save,
+    backbone_state,
     capture_rng_state,
     export_backbone,
     load_backbone_state,
@@ -15,6 +16,7 @@ from .checkpointer import (
     output_path,
     restore_rng_state,
     strip_prefixes,
+    weights_format,
 )
 from .diagnose import FileKind, checkpoint_like_files, describe_file
 from .integrity import INTEGRITY_KEY, integrity_problem, tensor_checksum, with_integrity
@@ -28,6 +30,7 @@ __all__ = [
     "Checkpointer",
     "FileKind",
     "atomic_save",
+    "backbone_state",
     "capture_rng_state",
     "checkpoint_like_files",
     "describe_file",
@@ -39,6 +42,7 @@ __all__ = [
     "restore_rng_state",
     "integrity_problem",
     "strip_prefixes",
+    "weights_format",
     "tensor_checksum",
     "with_integrity",
 ]

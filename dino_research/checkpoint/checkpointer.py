@@ -247,51 +247,94 @@ def _load_network(net: nn.Module, state: dict, source: str, partial: bool) -> No
     net.head.load_state_dict(head, strict=False)
 
 
+def weights_format(data: Any, path: str) -> tuple[str, dict]:
+    """Recognise a loaded weights file: ``(kind, state)``. The one parser of weight layouts, used by
+    :func:`load_pretrained`, the evaluation loader and the export tool.
+
+    * ``("ours", checkpoint)``: a checkpoint of this library (``{"model": meta-arch state, ...}``);
+    * ``("official_full", data)``: the reference's training checkpoint (``student``/``teacher``
+      entries with ``module.``/``backbone.``/``head.`` prefixes, optional ``dino_loss`` center);
+    * ``("backbone", state)``: a plain backbone state dict (the released ``dino_vits16`` files, our
+      ``teacher_backbone.pth``), unwrapped from a ``teacher``/``state_dict``/``model_state`` entry
+      and with ``module.``/``backbone.`` prefixes stripped; ``head.*`` keys kept (callers drop them).
+
+    Raises :class:`CheckpointError` when ``data`` is not a dict.
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(data).__name__}")
+    if "model" in data and isinstance(data["model"], dict):
+        return "ours", data
+    if "student" in data and "teacher" in data and isinstance(data["student"], dict):
+        return "official_full", data
+    for key in ("teacher", "state_dict", "model_state"):  # common wrappers around a backbone
+        if key in data and isinstance(data[key], dict):
+            data = data[key]
+            break
+    return "backbone", strip_prefixes(data)  # before dropping heads: "module.head.x" is a head weight too
+
+
+def backbone_state(data: Any, which: str, path: str) -> dict:
+    """The ``which`` ("teacher" or "student") backbone's state dict inside any layout of
+    :func:`weights_format` (a plain backbone file has only one), ``head.*`` keys dropped."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which backbone: 'teacher' or 'student', got {which!r}")
+    kind, state = weights_format(data, path)
+    if kind == "ours":
+        prefix = f"{which}.backbone."
+        out = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        if not out:
+            raise CheckpointError(f"{path}: no '{prefix}*' weights in this checkpoint")
+        return out
+    if kind == "official_full":
+        state = strip_prefixes(state[which])
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def load_official_full(student: nn.Module, teacher: nn.Module, loss: nn.Module, data: dict, source: str,
+                       partial: bool) -> None:
+    """The reference's full checkpoint into DINO's two MultiCropNetworks and, when it fits, the
+    loss's ``center`` (see :func:`weights_format`)."""
+    _load_network(student, data["student"], f"{source}[student]", partial)
+    _load_network(teacher, data["teacher"], f"{source}[teacher]", partial)
+    center = data.get("dino_loss", {}).get("center") if isinstance(data.get("dino_loss"), dict) else None
+    own = getattr(loss, "center", None)
+    if center is not None and isinstance(own, torch.Tensor) and center.shape == own.shape:
+        own.copy_(center)
+
+
+def load_backbone_into_networks(networks, state: dict, source: str, partial: bool) -> None:
+    """A plain backbone state (``head.*`` keys ignored) into the ``backbone`` of each network; the
+    heads keep their initialization (logged)."""
+    heads = [k for k in state if k.startswith("head.")]
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    for net in networks:
+        load_backbone_state(net.backbone, state, source, strict=not partial, fix=_PARTIAL_FIX)
+    logger.info("%s is a backbone file: the projection heads keep their initialization%s", source,
+                f" (its {len(heads)} head.* weights are not used)" if heads else "")
+
+
 def load_pretrained(model: nn.Module, path: str, partial: bool = False) -> str:
-    """Initialize a DINO meta-architecture from ``path`` (``MODEL.WEIGHTS``); returns the format found.
+    """Initialize a meta-architecture from ``path`` (``MODEL.WEIGHTS``); returns the format found
+    (:func:`weights_format`).
 
-    Accepted formats:
-
-    * ``"ours"``: a checkpoint of this library (``{"model": meta-arch state, ...}``): student,
-      teacher and center; training state (optimizer, iteration) is *not* restored (that is resume).
-    * ``"official_full"``: the reference's training checkpoint (``student``/``teacher`` entries with
-      ``module.``/``backbone.``/``head.`` prefixes, weight-norm ``weight_g``/``weight_v``, optional
-      ``dino_loss`` center): continues pretraining with the head.
-    * ``"official_backbone"``: a plain backbone state dict (the released ``dino_vits16`` files, or
-      our ``teacher_backbone.pth``): loaded into both student and teacher backbones; heads keep their
-      initialization (logged; ``head.*`` weights in such a file are not used).
+    ``"ours"`` loads the whole meta-architecture state (student, teacher, center; the training state,
+    optimizer and iteration, is *not* restored: that is resume). The reference's formats go through
+    the model's own ``load_weights(kind, state, source, partial)`` (the meta-architecture contract):
+    for DINO an official full checkpoint continues pretraining with the heads, a backbone file is
+    loaded into both backbones.
 
     A weight of another shape raises :class:`CheckpointError`; so does a file that fits only partly
     (another depth, missing blocks: missing or unexpected keys) unless ``partial``
     (``MODEL.WEIGHTS_PARTIAL``), which logs every such key instead.
     """
-    data = load_file(path)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a dict of weights, got {type(data).__name__}")
-    if "model" in data and isinstance(data["model"], dict):
-        _check_fit(model.state_dict(), data["model"], path, "model", partial,
+    kind, state = weights_format(load_file(path), path)
+    if kind == "ours":
+        _check_fit(model.state_dict(), state["model"], path, "model", partial,
                    "MODEL.BACKBONE and MODEL.HEAD against the config stored in the file", _PARTIAL_FIX)
-        model.load_state_dict(data["model"], strict=False)
-        return "ours"
-    if "student" in data and "teacher" in data:
-        _load_network(model.student, data["student"], f"{path}[student]", partial)
-        _load_network(model.teacher, data["teacher"], f"{path}[teacher]", partial)
-        center = data.get("dino_loss", {}).get("center") if isinstance(data.get("dino_loss"), dict) else None
-        if center is not None and hasattr(model.loss, "center") and center.shape == model.loss.center.shape:
-            model.loss.center.copy_(center)
-        return "official_full"
-    for key in ("teacher", "state_dict", "model_state"):  # common wrappers around a backbone
-        if key in data and isinstance(data[key], dict):
-            data = data[key]
-            break
-    state = strip_prefixes(data)  # before dropping heads: "module.head.x" is a head weight too
-    heads = [k for k in state if k.startswith("head.")]
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    for net in (model.student, model.teacher):
-        load_backbone_state(net.backbone, state, path, strict=not partial, fix=_PARTIAL_FIX)
-    logger.info("%s is a backbone file: the projection heads keep their initialization%s", path,
-                f" (its {len(heads)} head.* weights are not used)" if heads else "")
-    return "official_backbone"
+        model.load_state_dict(state["model"], strict=False)
+    else:
+        model.load_weights(kind, state, path, partial)
+    return {"backbone": "official_backbone"}.get(kind, kind)
 
 
 def export_backbone(backbone: nn.Module, path: str) -> None:

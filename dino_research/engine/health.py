@@ -62,8 +62,11 @@ def collapse_indicators(loss_module: nn.Module, teacher_out: torch.Tensor, teach
         logger.warning("teacher entropy %.4f is close to 0: one dimension dominates (collapse?). "
                        "Centering is not keeping up: lower MODEL.LOSS.CENTER_MOMENTUM or raise "
                        "MODEL.LOSS.TEACHER_TEMP.", entropy)
-    return {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy,
-            "center_norm": loss_module.center.norm().item()}
+    metrics = {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy}
+    center = getattr(loss_module, "center", None)
+    if isinstance(center, torch.Tensor):  # a loss without a running center (Sinkhorn) has none to report
+        metrics["center_norm"] = center.norm().item()
+    return metrics
 
 
 @torch.no_grad()

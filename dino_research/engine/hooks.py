@@ -63,7 +63,7 @@ class TeacherExporter(HookBase):
         # Only a run that finished: after a failure at the last iteration nothing is exported as done.
         if getattr(t, "completed", False) and comm.is_main_process():
             path = os.path.join(t.cfg.OUTPUT_DIR, TEACHER_BACKBONE)
-            export_backbone(t.model.teacher.backbone, path)
+            export_backbone(t.model.backbone_for_eval(), path)
             logger.info("teacher backbone exported (official DINO format) to %s", path)
 
 
@@ -140,7 +140,7 @@ class KNNEvalHook(HookBase):
             self._datasets = build_knn_datasets(cfg)
 
         # The raw-pixel baseline, computed once, shares the teacher's pass over the images.
-        backbones = [t.model.teacher.backbone]
+        backbones = [t.model.backbone_for_eval()]
         if cfg.TEST.KNN.PIXEL_BASELINE and self._pixel_results is None:
             backbones.append(nn.Flatten(1))
         (bank, bank_labels), (queries, query_labels) = [
@@ -231,7 +231,7 @@ class AttentionMapHook(HookBase):
         from ..evaluation.attention import threshold_masks, upsample
 
         t, cfg = self.trainer, self.trainer.cfg
-        backbone = t.model.teacher.backbone
+        backbone = t.model.backbone_for_eval()
         p = backbone.patch_size
         folder = os.path.join(cfg.OUTPUT_DIR, "attention")
         os.makedirs(folder, exist_ok=True)

@@ -1,15 +1,14 @@
-"""The DINO trainer: builds a run from a config and executes the training step.
+"""The DINO trainer: builds a run's parts from a config, then trains them with :class:`SimpleTrainer`.
 
-The whole step lives in :meth:`DINOTrainer.run_step`, top to bottom; hooks only do bookkeeping.
+The whole step lives in :meth:`SimpleTrainer.run_step` (``engine/simple_trainer.py``), top to bottom;
+this file adds what a run needs around it: data, model, optimizer and schedules from the config,
+checkpoints, resume, stop signals and the default hooks (which only do bookkeeping).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -28,16 +27,17 @@ from ..checkpoint import (
 from ..config import ConfigError, check_amp, check_config, check_world_size
 from ..data import build_augmentation, build_dataset, fixed_subset
 from ..data.loader import build_pretrain_loader
-from ..modeling import build_ema, build_model
-from ..solver import apply_schedules, build_optimizer, build_schedules, clip_grad_per_param_, total_batch_size
+from ..modeling import build_model
+from ..solver import build_optimizer, build_schedules, total_batch_size
 from ..solver.build import scaled_lr
 from ..utils import comm
-from ..utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardWriter
+from ..utils.events import CommonMetricPrinter, JSONWriter, TensorboardWriter
 from ..utils.malloc import keep_freed_memory_mapped
 from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
-from .health import NonFiniteLossError, collapse_indicators, finite_on_all_ranks, gradient_fault, state_is_finite
+from .health import NonFiniteLossError, state_is_finite
 from .preemption import TrainingStopped, stop_requested
+from .simple_trainer import SimpleTrainer
 from .resume_check import check_resume, check_state_shapes, write_run_config
 
 logger = logging.getLogger("dino_research")
@@ -62,15 +62,17 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-class DINOTrainer:
-    """One DINO run: data, model (student, teacher, loss), optimizer, schedules, checkpoints, writers.
+class DINOTrainer(SimpleTrainer):
+    """One run from a config: data, model (any ``MODEL.META_ARCHITECTURE``), optimizer, schedules,
+    checkpoints, writers, around :class:`SimpleTrainer`'s step.
 
     Construct on every process after the process group exists (see ``engine.launch``), then call
     :meth:`resume_or_load` and :meth:`train`. An iteration is one optimizer step over
-    ``SOLVER.BATCH_SIZE_PER_GPU * world_size * SOLVER.ACCUMULATE_STEPS`` images.
+    ``SOLVER.BATCH_SIZE_PER_GPU * world_size * SOLVER.ACCUMULATE_STEPS`` images. ``default_hooks``
+    False registers none (checkpoints, evaluation, writers): for timing bare steps.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, default_hooks: bool = True):
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.world_size, self.rank = comm.get_world_size(), comm.get_rank()
@@ -120,24 +122,22 @@ class DINOTrainer:
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                                   else None, broadcast_buffers=False)
                           if self.world_size > 1 else self.model)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_enabled and self.amp_dtype == torch.float16)
-        self.ema = build_ema(cfg, self.model.student, self.model.teacher)
-        self.schedules = build_schedules(cfg, self.iters_per_epoch, world_size=self.world_size)
-        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.last_layer_params = self.model.last_layer_parameters()
+        optimizer = build_optimizer(cfg, self.model)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+        super().__init__(
+            self.model, optimizer, lambda start: self.loader.iterate(start_batch=start),
+            build_schedules(cfg, self.iters_per_epoch, world_size=self.world_size),
+            iters_per_epoch=self.iters_per_epoch, max_iter=self.max_iter, device=self.device,
+            ddp_model=self.ddp_model, scaler=scaler, amp_dtype=self.amp_dtype if self.amp_enabled else None,
+            accumulate=self.accumulate, clip_grad=cfg.SOLVER.CLIP_GRAD,
+            freeze_last_layer_epochs=cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS, skip_nonfinite=cfg.SOLVER.SKIP_NONFINITE,
+            log_period=cfg.LOG_PERIOD, world_size=self.world_size, total_batch=total_batch_size(cfg, self.world_size),
+        )
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, self.model, self.optimizer, self.scaler,
                                          is_main=comm.is_main_process())
-        self.start_iter = self.iter = 0
-        # True once train() ran its last iteration without an exception: hooks that report a finished
-        # run (the teacher export) check it, so nothing is reported done after a failure.
-        self.completed = False
-        self.last_saved, self._last_saved_iter = None, None
-        # Fault counters, kept across resumes: non-finite steps skipped (SOLVER.SKIP_NONFINITE) and
-        # unreadable images replaced by this rank's loader (DATALOADER.STRICT False).
-        self.nonfinite_skipped, self.skipped_images = 0, 0
-        self.hooks: list[hooks_lib.HookBase] = []
-        self.register_hooks(self.default_hooks())
+        self._last_saved_iter = None
+        if default_hooks:  # off for a benchmark that times bare steps
+            self.register_hooks(self.default_hooks())
         logger.info(
             "DINO run: %d images, %d iterations/epoch, %d iterations; total batch %d "
             "(BATCH_SIZE_PER_GPU %d x %d processes x ACCUMULATE_STEPS %d); peak lr %.3g = BASE_LR %.3g x %d / 256; "
@@ -168,11 +168,6 @@ class DINOTrainer:
             if cfg.TEST.CURVES:
                 out.append(hooks_lib.CurvesHook(cfg.TEST.EVAL_PERIOD, json_writer))
         return out
-
-    def register_hooks(self, hooks: list[hooks_lib.HookBase]) -> None:
-        for hook in hooks:
-            hook.trainer = self
-        self.hooks.extend(hooks)
 
     def resume_or_load(self, resume: bool = True, allow_config_change: bool = False) -> None:
         """Resume from the newest readable checkpoint of ``OUTPUT_DIR`` (``last_checkpoint.pth``, else the
@@ -268,33 +263,18 @@ class DINOTrainer:
         comm.synchronize()
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> None:
-        """Run iterations ``start_iter .. max_iter - 1``, calling the hooks."""
-        self._data = iter(self.loader.iterate(start_batch=self.start_iter * self.accumulate))
-        with EventStorage(self.start_iter) as self.storage:
-            for hook in self.hooks:
-                hook.before_train()
-            try:
-                for self.iter in range(self.start_iter, self.max_iter):
-                    self.storage.iter = self.iter
-                    self.run_step()
-                    for hook in self.hooks:
-                        hook.after_step()
-                    self._stop_if_requested()
-                self.completed = True
-            except (TrainingStopped, NonFiniteLossError):
-                raise  # explained where raised
-            except Exception as e:
-                if self.world_size > 1:  # a collective error names no culprit: say where to look
-                    logger.error("rank %d of %d failed at iteration %d: %s: %s. If another process of the job died "
-                                 "or hung (--dist-timeout), its own log says why. Last checkpoint: %s; run the same "
-                                 "command to resume from it.", self.rank, self.world_size, self.iter,
-                                 type(e).__name__, str(e).splitlines()[0] if str(e) else "", self.last_saved)
-                raise
-            finally:
-                self._close_data()  # release data-loader workers even when the step raised
-                for hook in self.hooks:  # flush writers also when stopped or failed
-                    hook.after_train()
+    def after_iteration(self) -> None:
+        self._stop_if_requested()
+
+    def count_skipped_images(self) -> int:
+        return len(self.loader.take_skipped())
+
+    def on_failure(self, error: Exception) -> None:
+        if self.world_size > 1:  # a collective error names no culprit: say where to look
+            logger.error("rank %d of %d failed at iteration %d: %s: %s. If another process of the job died "
+                         "or hung (--dist-timeout), its own log says why. Last checkpoint: %s; run the same "
+                         "command to resume from it.", self.rank, self.world_size, self.iter,
+                         type(error).__name__, str(error).splitlines()[0] if str(error) else "", self.last_saved)
 
     def _stop_if_requested(self) -> None:
         """If any rank received a stop signal: all ranks checkpoint this iteration, then stop."""
@@ -308,121 +288,3 @@ class DINOTrainer:
         if self._last_saved_iter != self.iter + 1:
             self.save_checkpoint(LAST_CHECKPOINT, next_iter=self.iter + 1)
         raise TrainingStopped(signum, self.iter, self.last_saved)
-
-    def _close_data(self) -> None:
-        close = getattr(self._data, "close", None)
-        if close is not None:
-            close()
-
-    def run_step(self) -> None:
-        """One DINO optimizer step at iteration ``self.iter``."""
-        cfg, it = self.cfg, self.iter
-        epoch = it // self.iters_per_epoch
-        start = time.perf_counter()
-        # 1. This iteration's schedules.
-        lr, wd = self.schedules["lr"](it), self.schedules["weight_decay"](it)
-        momentum, teacher_temp = self.schedules["momentum"](it), self.schedules["teacher_temp"](it)
-        apply_schedules(self.optimizer, lr, wd)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        teacher_outs, loss_sum, data_time, fault = [], 0.0, 0.0, None
-        for micro in range(self.accumulate):
-            data_start = time.perf_counter()
-            crops, _ = next(self._data)
-            self.skipped_images += len(self.loader.take_skipped())  # each one is logged by the loader
-            data_time += time.perf_counter() - data_start
-            if fault is not None:  # read the step's remaining micro-batches: the data stream stays aligned
-                continue
-            crops = [c.to(self.device, non_blocking=True) for c in crops]
-            # Gradients are all-reduced on the last micro-batch only.
-            sync = (self.ddp_model.no_sync() if self.world_size > 1 and micro < self.accumulate - 1
-                    else contextlib.nullcontext())
-            with sync:
-                # 2. Teacher on the 2 global crops, student on all crops, loss (inside the meta-arch).
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
-                    out = self.ddp_model(crops, teacher_temp=teacher_temp)
-                loss = out["loss"]
-                # Every rank takes the same decision, before any collective of the backward pass.
-                loss_value = loss.item()
-                if not finite_on_all_ranks(loss_value, self.world_size, self.device):
-                    fault = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is non-finite on another rank"
-                    continue
-                # 3. Backward (scaled for float16; averaged over micro-batches).
-                self.scaler.scale(loss / self.accumulate).backward()
-            teacher_outs.append(out["teacher_out"])
-            loss_sum += loss_value
-            del out, loss
-
-        # 4. Per-parameter gradient clipping, on unscaled gradients.
-        if fault is None:
-            fault = self._clip_and_check_gradients()
-        if fault is not None:
-            self._skip_nonfinite_step(fault, it, epoch)  # raises past SOLVER.SKIP_NONFINITE
-            self.storage.put_scalars(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, data_time=data_time)
-            self._put_fault_counters()
-            return
-        # 5. The prototype layer stays fixed during the first epochs (helps early training).
-        if epoch < cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS:
-            for p in self.last_layer_params:
-                p.grad = None
-        # 6. Optimizer step.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # 7. Teacher EMA, then center update: once per optimizer step.
-        self.ema.update(momentum)
-        teacher_out = torch.cat(teacher_outs) if len(teacher_outs) > 1 else teacher_outs[0]
-        if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == self.max_iter:
-            self._put_health_metrics(teacher_out, teacher_temp, loss_sum / self.accumulate)
-        self.model.loss.update_state(teacher_out)
-
-        step_time = time.perf_counter() - start
-        self.storage.put_scalars(
-            loss=loss_sum / self.accumulate, lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp,
-            data_time=data_time, time=step_time,
-        )
-        self.storage.put_scalar("images/s", total_batch_size(cfg, self.world_size) / step_time)
-        self._put_fault_counters()
-
-    # ------------------------------------------------------------------ faults
-    def _put_fault_counters(self) -> None:
-        """Run totals: non-finite steps skipped, and unreadable images skipped by all ranks (summed at
-        log periods only: a collective)."""
-        self.storage.put_scalar("nonfinite_skipped", self.nonfinite_skipped, smoothing_hint=False)
-        if (self.iter + 1) % self.cfg.LOG_PERIOD == 0 or self.iter + 1 == self.max_iter:
-            total = self.skipped_images
-            if self.world_size > 1:
-                flag = torch.tensor([total], device=self.device)
-                dist.all_reduce(flag)
-                total = int(flag.item())
-            self.storage.put_scalar("skipped_images", total, smoothing_hint=False)
-
-    def _clip_and_check_gradients(self) -> str | None:
-        """Clip each gradient to ``SOLVER.CLIP_GRAD`` (after unscaling); a description if any is NaN/inf."""
-        if self.cfg.SOLVER.CLIP_GRAD > 0:
-            self.scaler.unscale_(self.optimizer)
-            norms = clip_grad_per_param_(self.trainable_params, self.cfg.SOLVER.CLIP_GRAD)
-        else:
-            norms = None
-        # A float16 GradScaler handles overflows itself (skips the step, lowers its scale).
-        return None if self.scaler.is_enabled() else gradient_fault(self.trainable_params, norms)
-
-    def _skip_nonfinite_step(self, fault: str, it: int, epoch: int) -> None:
-        """Count a non-finite step and skip it (no optimizer step, EMA or center update), or raise
-        :class:`NonFiniteLossError` once more than ``SOLVER.SKIP_NONFINITE`` steps were bad."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_skipped += 1
-        allowed = self.cfg.SOLVER.SKIP_NONFINITE
-        if self.nonfinite_skipped > allowed:
-            raise NonFiniteLossError(
-                f"{fault} at iteration {it} (epoch {epoch}); stopping before the optimizer step "
-                f"({self.nonfinite_skipped} non-finite step(s), SOLVER.SKIP_NONFINITE {allowed}). Last good "
-                f"checkpoint: {self.last_saved or 'none written yet'} (intact). Usual fixes: "
-                f"SOLVER.AMP.ENABLED False, a lower SOLVER.BASE_LR, a higher MODEL.TEACHER.MOMENTUM, a lower "
-                f"SOLVER.CLIP_GRAD; or SOLVER.SKIP_NONFINITE N to skip up to N such steps."
-            )
-        logger.warning("%s at iteration %d (epoch %d): step skipped, weights unchanged (%d of SOLVER.SKIP_NONFINITE "
-                       "%d)", fault, it, epoch, self.nonfinite_skipped, allowed)
-
-    def _put_health_metrics(self, teacher_out: torch.Tensor, teacher_temp: float, loss: float) -> None:
-        metrics = collapse_indicators(self.model.loss, teacher_out, teacher_temp, loss)
-        self.storage.put_scalars(**metrics, smoothing_hint=False)

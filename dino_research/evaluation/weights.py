@@ -19,27 +19,11 @@ import logging
 
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_backbone_state, load_file, strip_prefixes
+from ..checkpoint import CheckpointError, backbone_state, load_backbone_state, load_file
 from ..config import CfgNode
 from ..modeling import build_backbone
 
 logger = logging.getLogger("dino_research")
-
-
-def _backbone_state(data: dict, checkpoint_key: str, path: str) -> dict:
-    """The backbone state dict inside any supported file layout."""
-    if "model" in data and isinstance(data["model"], dict):  # ours
-        prefix = f"{checkpoint_key}.backbone."
-        state = {k[len(prefix):]: v for k, v in data["model"].items() if k.startswith(prefix)}
-        if not state:
-            raise CheckpointError(f"{path}: no '{prefix}*' weights in this checkpoint")
-        return state
-    if checkpoint_key in data and isinstance(data[checkpoint_key], dict):  # official full checkpoint
-        data = data[checkpoint_key]
-    elif "teacher" in data and "student" in data:
-        raise CheckpointError(f"{path}: checkpoint key {checkpoint_key!r} not found; use teacher or student")
-    state = strip_prefixes(data)
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
 def config_from_checkpoint(cfg: CfgNode, data: dict, path: str) -> CfgNode:
@@ -74,7 +58,7 @@ def load_backbone(cfg: CfgNode, weights: str = "", checkpoint_key: str = "teache
         cfg = config_from_checkpoint(cfg, data, weights)
     backbone = build_backbone(cfg, drop_path_rate=0.0)
     if data is not None:
-        load_backbone_state(backbone, _backbone_state(data, checkpoint_key, weights), weights, strict=True)
+        load_backbone_state(backbone, backbone_state(data, checkpoint_key, weights), weights, strict=True)
         logger.info("loaded the %s backbone from %s", checkpoint_key, weights)
     elif cfg.MODEL.BACKBONE.NAME != "timm":
         raise ValueError(

@@ -64,13 +64,26 @@ Called as ``obj(cfg, student: nn.Module, teacher: nn.Module)`` and then, once pe
 
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = """
-Meta-architectures, selected by ``MODEL.META_ARCHITECTURE``.
+Meta-architectures, selected by ``MODEL.META_ARCHITECTURE``: DINO, or a project's method.
 
-Called as ``obj(cfg) -> nn.Module``. The module's ``forward(crops: list of (B, 3, h_i, w_i),
-teacher_temp: float) -> dict`` returns at least ``"loss"`` (a scalar to back-propagate) and
-``"teacher_out"`` (detached, for state updates and metrics). It exposes ``student`` and ``teacher``
-(the modules the EMA rule pairs), ``loss`` (the loss module) and ``last_layer_parameters() ->
-list[nn.Parameter]`` (the student parameters frozen at the start of training).
+Called as ``obj(cfg) -> nn.Module``; the module subclasses ``modeling.meta_arch.MetaArchitecture``.
+The trainer, the hooks, the health metrics and the checkpoint loader call only these methods:
+
+* ``forward(batch: dict, **schedule_values) -> dict``: ``batch["crops"]`` is the augmentation's list of
+  crops ``(B, 3, h_i, w_i)``, global crops first, plus any entries the augmentation or collate step
+  adds (e.g. masks); ``schedule_values`` are every schedule except lr and weight decay (``momentum``,
+  ``teacher_temp``, and those a project registers in ``SCHEDULE_REGISTRY``). Returns at least
+  ``"loss"``, a scalar to back-propagate; the other entries go to ``after_step``/``health_metrics``.
+* ``after_step(outputs: list[dict], **schedule_values)``: once per optimizer step, after it, with the
+  outputs of every micro-batch (``"loss"`` removed): the teacher EMA and any state (center) updates.
+* ``health_metrics(outputs, loss: float, **schedule_values) -> dict[str, float]``: logged scalars.
+* ``backbone_for_eval() -> nn.Module``: what k-NN, attention maps and the export use.
+* ``last_layer_parameters() -> list[nn.Parameter]``: frozen during ``SOLVER.FREEZE_LAST_LAYER_EPOCHS``.
+* ``load_weights(kind, state, source, partial)``: initialization from an official weights file
+  (``checkpoint.weights_format``); our own checkpoints load with ``load_state_dict``.
+
+Every rank must hold identical non-trained state after ``after_step`` (all-reduce what depends on
+the local batch), so that checkpoints and evaluation agree across ranks.
 """
 
 

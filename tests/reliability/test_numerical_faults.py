@@ -143,7 +143,8 @@ def test_collapse_is_warned_about(tmp_path):
 
     def warnings_of(teacher_out):
         before = log.read_text()
-        trainer._put_health_metrics(teacher_out, teacher_temp=0.04, loss=3.0)
+        metrics = trainer.model.health_metrics([{"teacher_out": teacher_out}], loss=3.0, teacher_temp=0.04)
+        trainer.storage.put_scalars(**metrics)
         return log.read_text()[len(before):]
 
     with EventStorage(0) as trainer.storage:
