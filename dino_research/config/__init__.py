@@ -2,7 +2,7 @@
 ``check_config`` finds the values no run can use (``checks.py``)."""
 
 from .checks import check_amp, check_config, check_world_size
-from .config import CfgNode, ConfigError, configurable, flatten_config, get_cfg
+from .config import CfgNode, ConfigError, configurable, flatten_config, get_cfg, register_config_extension
 
 __all__ = [
     "CfgNode",
@@ -13,4 +13,5 @@ __all__ = [
     "configurable",
     "flatten_config",
     "get_cfg",
+    "register_config_extension",
 ]

@@ -191,11 +191,38 @@ def _merge_into(incoming: dict, base: dict, source: str, prefix: str = "") -> No
             base[key] = value
 
 
+# Functions that add a project's keys to the defaults (see register_config_extension), in order.
+_CONFIG_EXTENSIONS: list = []
+
+
+def register_config_extension(fn):
+    """Decorator: ``fn(cfg)`` adds a project's config keys, as detectron2's ``add_NAME_config(cfg)``.
+
+    Every later :func:`get_cfg` applies it, so once the project module is imported (through the
+    config's ``IMPORTS``, which ``load_config`` reads *before* merging the file) its keys exist:
+    its YAML files and ``KEY VALUE`` overrides set them, and misspelled ones are still refused.
+    ``fn`` may add keys and groups (with documented defaults of the intended type) but not change
+    core keys. Registering the same function twice (a module imported again) is a no-op.
+    """
+    if fn not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(fn)
+    return fn
+
+
 def get_cfg() -> CfgNode:
-    """A fresh, mutable copy of every default (``defaults.py``); the paper's ViT-S/16 recipe."""
+    """A fresh, mutable copy of every default (``defaults.py``, the paper's ViT-S/16 recipe) plus the
+    keys of every registered project (:func:`register_config_extension`)."""
     from .defaults import _C
 
-    return _C.clone()
+    cfg = _C.clone()
+    for extend in _CONFIG_EXTENSIONS:
+        before = flatten_config(cfg)
+        extend(cfg)
+        changed = [k for k, v in before.items() if flatten_config(cfg).get(k, v) != v]
+        if changed:
+            raise ConfigError(f"config extension {extend.__module__}.{extend.__qualname__} changed core keys "
+                              f"{changed[:5]}: a project adds keys, it does not change the core's defaults")
+    return cfg
 
 
 def configurable(init_func):

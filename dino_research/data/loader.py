@@ -157,21 +157,28 @@ class SeededSampleDataset(Dataset):
         return f"SeededSampleDataset({self.dataset!r}, seed={self.seed}, strict={self.strict})"
 
 
-def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def collate_crops(batch: Sequence[tuple]) -> tuple:
     """``[(crops, label), ...]`` of B samples, ``crops`` a list of ``(3, h_c, w_c)`` tensors
     -> ``([Tensor (B, 3, h_c, w_c) for each crop c], labels int64 (B,))``.
+
+    A sample may instead be a dict ``{"crops": [...], NAME: value, ...}``: an augmentation that adds
+    per-sample entries (iBOT's patch masks). The batch is then ``({"crops": [...], NAME: collated},
+    labels)``: a tensor entry is stacked to ``(B, ...)``, a list of tensors (one per crop) becomes a
+    list of ``(B, ...)`` tensors. Every sample must carry the same entries.
 
     Crop ``c`` of every sample must have the same shape (true for multi-crop: crop sizes are fixed).
     ``default_collate`` stacks, so inside a worker the batch is built directly in shared memory.
     """
     if not batch:
         raise ValueError("collate_crops: empty batch")
+    if isinstance(batch[0][0], dict):
+        return _collate_dict_samples(batch)
     num_crops = None
     for crops, _ in batch:
         if not isinstance(crops, (list, tuple)):
             raise TypeError(
-                f"collate_crops: the transform must return a list of crop tensors (3, h, w); got "
-                f"{type(crops).__name__}. Use a multi-crop augmentation (INPUT.AUGMENTATION)."
+                f"collate_crops: the transform must return a list of crop tensors (3, h, w) or a dict with "
+                f"'crops'; got {type(crops).__name__}. Use a multi-crop augmentation (INPUT.AUGMENTATION)."
             )
         if num_crops is None:
             num_crops = len(crops)
@@ -180,6 +187,25 @@ def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[
     crops = [default_collate([sample[0][c] for sample in batch]) for c in range(num_crops)]
     labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.int64)
     return crops, labels
+
+
+def _collate_dict_samples(batch: Sequence[tuple]) -> tuple[dict, torch.Tensor]:
+    keys = set(batch[0][0])
+    if "crops" not in keys:
+        raise ValueError(f"collate_crops: a dict sample needs a 'crops' entry; got {sorted(keys)}")
+    for sample, _ in batch:
+        if not isinstance(sample, dict) or set(sample) != keys:
+            found = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+            raise ValueError(f"collate_crops: every sample must have the entries {sorted(keys)}; got {found}")
+    crops, labels = collate_crops([(sample["crops"], label) for sample, label in batch])
+    out = {"crops": crops}
+    for key in sorted(keys - {"crops"}):
+        values = [sample[key] for sample, _ in batch]
+        if isinstance(values[0], (list, tuple)):  # one value per crop
+            out[key] = [default_collate([v[i] for v in values]) for i in range(len(values[0]))]
+        else:
+            out[key] = default_collate(values)
+    return out, labels
 
 
 def _collate_with_skipped(batch: Sequence[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:

@@ -57,19 +57,34 @@ def eval_argument_parser(description: str = "dino_research evaluation") -> argpa
     return parser
 
 
+def _imports_of(config_file: str, opts: list) -> list:
+    """``IMPORTS`` as the file (with its ``_BASE_`` files) and the overrides set it, read before the
+    config is built; a malformed value is left for the merge to report."""
+    imports = []
+    if config_file:
+        imports = CfgNode.load_yaml_with_base(config_file).get("IMPORTS", []) or []
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "IMPORTS":
+            imports = CfgNode._decode_cfg_value(value)
+    return list(imports) if isinstance(imports, (list, tuple)) else []
+
+
 def load_config(config_file: str, opts: list) -> CfgNode:
-    """Defaults, then ``config_file``, then ``opts``; the modules of ``IMPORTS`` imported (their
-    components registered); checked, then frozen.
+    """The modules of ``IMPORTS`` imported (their components and config keys registered), then the
+    defaults, ``config_file`` and ``opts``; checked, then frozen.
 
     Raises :class:`~dino_research.config.ConfigError` on an unknown key or a wrong type (while
     merging) and on every value no run can use (:func:`~dino_research.config.check_config`, all
     problems in one message), before anything is built or written.
     """
+    # IMPORTS first (from the file, then the overrides): the modules may add config keys
+    # (register_config_extension) that the file and overrides set, and registered names the check needs.
+    import_components(_imports_of(config_file, list(opts)))
     cfg = get_cfg()
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    import_components(cfg.IMPORTS)  # before the check: it looks up registered names
+    import_components(cfg.IMPORTS)  # the same list: already imported, nothing runs twice
     check_config(cfg)
     cfg.freeze()
     return cfg

@@ -31,12 +31,11 @@ def config_from_checkpoint(cfg: CfgNode, data: dict, path: str) -> CfgNode:
     from ``path``); unchanged for other files. The architecture then always matches the weights."""
     if not isinstance(data.get("config"), str):
         return cfg
-    stored = cfg.clone()
-    stored.defrost()
-    stored.merge_from_other_cfg(CfgNode(CfgNode.load_cfg(data["config"])))
+    # Only the backbone's keys: the rest may hold keys of a project this process has not imported.
+    stored_backbone = (CfgNode.load_cfg(data["config"]).get("MODEL", {}) or {}).get("BACKBONE", {})
     out = cfg.clone()
     out.defrost()
-    out.MODEL.BACKBONE = stored.MODEL.BACKBONE
+    out.MODEL.merge_from_other_cfg(CfgNode({"BACKBONE": stored_backbone}))
     out.freeze()
     logger.info("architecture taken from %s: %s/%d", path, out.MODEL.BACKBONE.NAME, out.MODEL.BACKBONE.PATCH_SIZE)
     return out

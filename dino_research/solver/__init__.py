@@ -1,6 +1,8 @@
-"""Solver: schedule shapes (SCHEDULER_REGISTRY), optimizers with DINO's parameter groups."""
+"""Solver: schedule shapes (SCHEDULER_REGISTRY), a project's extra schedules (EXTRA_SCHEDULE_REGISTRY),
+optimizers with DINO's parameter groups."""
 
 from .build import (
+    EXTRA_SCHEDULE_REGISTRY,
     SCHEDULER_REGISTRY,
     apply_schedules,
     build_optimizer,
@@ -14,6 +16,7 @@ from . import schedules  # noqa: F401  (registration on import)
 from .lars import LARS
 
 __all__ = [
+    "EXTRA_SCHEDULE_REGISTRY",
     "LARS",
     "SCHEDULER_REGISTRY",
     "apply_schedules",

@@ -22,6 +22,16 @@ warmup from ``warmup_start_value`` reaching ``start_value`` at step ``warmup_ste
 shape from ``start_value`` (towards ``end_value``) over the remaining steps.
 """
 
+EXTRA_SCHEDULE_REGISTRY = Registry("EXTRA_SCHEDULE")
+EXTRA_SCHEDULE_REGISTRY.__doc__ = """
+Per-iteration schedules a project adds to the core ones (lr, weight_decay, momentum, teacher_temp), e.g.
+iBOT's patch-loss teacher temperature. Every registered object is called by ``build_schedules`` as
+``obj(cfg, iters_per_epoch: int) -> dict[str, schedule]`` (``schedule(iteration) -> float``, defined for
+the run's iterations) and its entries are added; a name already taken is an error. Return ``{}`` when
+the config does not use them (another ``MODEL.META_ARCHITECTURE``). The trainer passes every schedule
+but lr and weight decay to the model's ``forward``/``after_step`` as a keyword argument and logs it.
+"""
+
 # Reference batch of the linear scaling rule: BASE_LR is the learning rate for 256 images.
 LR_REFERENCE_BATCH = 256
 
@@ -48,7 +58,9 @@ def build_schedules(cfg, iters_per_epoch: int, world_size: Optional[int] = None)
     * weight_decay: ``WEIGHT_DECAY_SCHEDULER`` from ``WEIGHT_DECAY`` to ``WEIGHT_DECAY_END``;
     * momentum: ``MOMENTUM_SCHEDULER`` from ``MODEL.TEACHER.MOMENTUM`` to ``MOMENTUM_END``;
     * teacher_temp: one value per epoch, linear ``WARMUP_TEACHER_TEMP`` -> ``TEACHER_TEMP`` over
-      ``WARMUP_TEACHER_TEMP_EPOCHS``, then ``TEACHER_TEMP_SCHEDULER`` (constant in the paper).
+      ``WARMUP_TEACHER_TEMP_EPOCHS``, then ``TEACHER_TEMP_SCHEDULER`` (constant in the paper);
+
+    and those of every ``EXTRA_SCHEDULE_REGISTRY`` entry (a project's).
     """
     from .schedules import PerEpochSchedule  # registers the shapes; imported here to avoid a cycle
 
@@ -69,7 +81,7 @@ def build_schedules(cfg, iters_per_epoch: int, world_size: Optional[int] = None)
         loss_cfg.TEACHER_TEMP, loss_cfg.TEACHER_TEMP, epochs,
         warmup_steps=loss_cfg.WARMUP_TEACHER_TEMP_EPOCHS, warmup_start_value=loss_cfg.WARMUP_TEACHER_TEMP,
     )
-    return {
+    schedules = {
         "lr": shape("SOLVER.LR_SCHEDULER", s.LR_SCHEDULER)(
             scaled_lr(cfg, world_size), s.MIN_LR, total,
             warmup_steps=s.WARMUP_EPOCHS * iters_per_epoch, warmup_start_value=0.0,
@@ -82,6 +94,13 @@ def build_schedules(cfg, iters_per_epoch: int, world_size: Optional[int] = None)
         ),
         "teacher_temp": PerEpochSchedule(temp_per_epoch, iters_per_epoch),
     }
+    for name, extra in EXTRA_SCHEDULE_REGISTRY:
+        added = extra(cfg, iters_per_epoch)
+        taken = sorted(set(added) & set(schedules))
+        if taken:
+            raise ValueError(f"EXTRA_SCHEDULE_REGISTRY entry {name} adds schedule(s) {taken}, already defined")
+        schedules.update(added)
+    return schedules
 
 
 def get_param_groups(model: nn.Module) -> list[dict]:

@@ -83,7 +83,13 @@ def test_the_config_selects_the_project_loss_and_imports_it_once(monkeypatch):
     pairs = [(i, v) for i in range(2) for v in range(4) if i != v]
     expected = torch.stack([-(q[i] * log_p[v]).sum() for i, v in pairs]).mean()
     torch.testing.assert_close(loss(student, teacher, 0.04), expected)
-    assert loss.center.abs().sum() == 0  # no running center
+    assert not hasattr(loss, "center") and "center" not in dict(loss.named_buffers())  # no running state
+    # The project's own key, set by the file's YAML or an override, and checked like a core key.
+    assert build_loss(load_config(config, ["SINKHORN.ITERATIONS", "5"])).sinkhorn_iterations == 5
+    with pytest.raises(ConfigError, match="unknown config key 'SINKHORN.ITERATOINS'. Did you mean: SINKHORN.ITERATIONS"):
+        load_config(config, ["SINKHORN.ITERATOINS", "5"])
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(config, ["SINKHORN.ITERATIONS", "2.5"])
 
 
 def test_a_bad_import_is_a_config_error_naming_the_entry(tmp_path):
@@ -106,5 +112,6 @@ def test_train_net_runs_the_project_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "loss" in r] == [0, 1]
-    assert all(np.isfinite(r["loss"]) and r["center_norm"] == 0 for r in rows if "loss" in r)
+    assert all(np.isfinite(r["loss"]) and "center_norm" not in r for r in rows if "loss" in r)
+    assert "teacher_entropy" in rows[-1]
     assert "DINOSinkhornLoss" in (tmp_path / "out" / "config.yaml").read_text()
