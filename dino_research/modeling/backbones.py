@@ -176,11 +176,16 @@ class DINOVisionTransformer(VisionTransformer):
         return self.pos_drop(x + self.interpolate_pos_encoding(h, w))
 
     # ------------------------------------------------------------------ forward passes
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) -> input tokens of the first block (B, 1 + H/p * W/p, D).
 
+        Masked image modeling (iBOT, MAE-style methods): with ``token_mask`` bool (B, H/p, W/p), the
+        embedding of every masked patch is replaced by ``mask_token`` (D,) (a parameter of the
+        caller's) before the positional embedding is added, as iBOT's reference does.
+
         Raises ValueError if H or W is not a multiple of the patch size (DINO would silently drop
-        the last rows/columns of pixels).
+        the last rows/columns of pixels), or if the mask's shape does not fit the patch grid.
         """
         H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
@@ -189,12 +194,19 @@ class DINOVisionTransformer(VisionTransformer):
                 f"crop or resize images to a multiple of {self.patch_size}"
             )
         x = self.patch_embed(x)  # (B, H/p, W/p, D): NHWC because dynamic_img_size defers flattening
+        if token_mask is not None:
+            if mask_token is None or token_mask.shape != x.shape[:3]:
+                raise ValueError(f"token_mask must be bool {tuple(x.shape[:3])} (B, H/p, W/p) with a mask_token "
+                                 f"(D,); got {tuple(token_mask.shape)} and {mask_token is not None}")
+            x = torch.where(token_mask.unsqueeze(-1), mask_token.to(x.dtype).reshape(1, 1, 1, -1), x)
         x = self._pos_embed(x)
         return self.norm_pre(self.patch_drop(x))  # both nn.Identity with DINO's settings
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> final-normed tokens (B, N+1, D), N = H/p * W/p."""
-        x = self.prepare_tokens(x)
+    def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) -> final-normed tokens (B, N+1, D), N = H/p * W/p, [CLS] first; with
+        ``token_mask`` and ``mask_token`` the masked patches are replaced first (see :meth:`prepare_tokens`)."""
+        x = self.prepare_tokens(x, token_mask, mask_token)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -26,7 +26,10 @@ module with
 
 ViT backbones also provide ``patch_size: int``, ``num_heads: int``,
 ``get_intermediate_layers(x, n) -> list of n (B, N+1, D)`` and
-``get_last_selfattention(x) -> (B, heads, N+1, N+1)``, used by the evaluation tools.
+``get_last_selfattention(x) -> (B, heads, N+1, N+1)``, used by the evaluation tools, and
+``forward_features(x, token_mask=None, mask_token=None) -> (B, N+1, D)``: every final-normed token,
+[CLS] first, the patches of ``token_mask`` (bool (B, H/p, W/p)) replaced by ``mask_token`` (D,)
+before the positional embedding (masked image modeling, e.g. iBOT).
 The backbone must not load weights: initialization from files is the checkpointer's job.
 """
 

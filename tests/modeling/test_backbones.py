@@ -335,3 +335,23 @@ def test_dino_attention_refuses_options_it_does_not_implement():
         DINOAttention(48, num_heads=4, qk_norm=True, norm_layer=torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="no attention mask"):
         DINOAttention(48, num_heads=4)(torch.randn(1, 5, 48), attn_mask=torch.zeros(5, 5))
+
+
+def test_masked_patch_tokens_replace_the_embedding_before_the_position(make_tiny_cfg):
+    """forward_features(x, token_mask, mask_token): a masked patch's embedding is the mask token plus
+    its positional embedding; unmasked tokens and an all-False mask change nothing."""
+    from dino_research.modeling import build_backbone
+
+    net = build_backbone(make_tiny_cfg(**{"MODEL.BACKBONE.DEPTH": "1", "MODEL.BACKBONE.PATCH_SIZE": "8"}),
+                         drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 16, 24)  # a 2 x 3 patch grid
+    mask = torch.zeros(2, 2, 3, dtype=torch.bool)
+    token = torch.randn(net.embed_dim)
+    torch.testing.assert_close(net.forward_features(x, mask, token), net.forward_features(x))
+    mask[0, 1, 2] = True
+    tokens = net.prepare_tokens(x, mask, token)
+    expected = token + net.interpolate_pos_encoding(2, 3)[0, 1 + 1 * 3 + 2]
+    torch.testing.assert_close(tokens[0, 1 + 5], expected)  # token 0 is [CLS]; patch (1, 2) is the 6th
+    torch.testing.assert_close(tokens[1], net.prepare_tokens(x)[1])  # the other image is untouched
+    with pytest.raises(ValueError, match=r"token_mask must be bool \(2, 2, 3\)"):
+        net.prepare_tokens(x, mask[:, :1], token)
