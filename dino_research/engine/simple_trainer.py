@@ -214,7 +214,8 @@ class SimpleTrainer:
             fault = self._clip_and_check_gradients()
         if fault is not None:
             self._skip_nonfinite_step(fault, it, epoch)  # raises past skip_nonfinite
-            self.storage.put_scalars(**scalars, data_time=data_time)
+            self.storage.put_scalars(**scalars, smoothing_hint=False)
+            self.storage.put_scalars(data_time=data_time)
             self._put_fault_counters()
             return
         # 5. The prototype layer stays fixed during the first epochs (helps early training).
@@ -234,7 +235,10 @@ class SimpleTrainer:
         self.model.after_step(outputs, **model_values)
 
         step_time = time.perf_counter() - start
-        self.storage.put_scalars(loss=loss_mean, **scalars, data_time=data_time, time=step_time)
+        # Schedules are logged as they are at this iteration (not smoothed); per-step timings and the
+        # loss as the median of the writers' window.
+        self.storage.put_scalars(**scalars, smoothing_hint=False)
+        self.storage.put_scalars(loss=loss_mean, data_time=data_time, time=step_time)
         if self.total_batch:
             self.storage.put_scalar("images/s", self.total_batch / step_time)
         self._put_fault_counters()
