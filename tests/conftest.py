@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import dino_research.engine  # noqa: F401  (imports every package: their registries and choices are declared)
 from dino_research.config import get_cfg
 
 

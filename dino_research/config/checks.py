@@ -26,30 +26,39 @@ from .config import ConfigError, get_cfg
 
 logger = logging.getLogger("dino_research")
 
-# Closed choices: the names accepted where each key is read.
-OPTIMIZERS = ("adamw", "sgd", "lars")  # solver/build.py: build_optimizer (case-insensitive)
-AMP_DTYPES = ("float16", "bfloat16")  # engine/trainer.py: AMP_DTYPES
-DEVICES = ("auto", "cpu", "cuda")  # engine/defaults.py: resolve_device
 # The ViT's positional embedding covers a 224-pixel image; a patch must fit in it.
 VIT_MAX_PATCH_SIZE = 224
-# Registered backbones known to contain BatchNorm (timm models are not inspected: that needs a build).
-BATCHNORM_BACKBONES = ("resnet50",)
 
-# (config key, package holding the registry, registry name in that package)
-_REGISTRY_KEYS = (
-    ("MODEL.META_ARCHITECTURE", "modeling", "META_ARCH_REGISTRY"),
-    ("MODEL.BACKBONE.NAME", "modeling", "BACKBONE_REGISTRY"),
-    ("MODEL.HEAD.NAME", "modeling", "HEAD_REGISTRY"),
-    ("MODEL.LOSS.NAME", "modeling", "LOSS_REGISTRY"),
-    ("MODEL.TEACHER.EMA", "modeling", "EMA_REGISTRY"),
-    ("MODEL.LOSS.TEACHER_TEMP_SCHEDULER", "solver", "SCHEDULER_REGISTRY"),
-    ("MODEL.TEACHER.MOMENTUM_SCHEDULER", "solver", "SCHEDULER_REGISTRY"),
-    ("SOLVER.LR_SCHEDULER", "solver", "SCHEDULER_REGISTRY"),
-    ("SOLVER.WEIGHT_DECAY_SCHEDULER", "solver", "SCHEDULER_REGISTRY"),
-    ("INPUT.AUGMENTATION", "data", "AUGMENTATION_REGISTRY"),
-    ("DATASETS.TRAIN", "data", "DATASET_REGISTRY"),
-    ("TEST.DATASET", "data", "DATASET_REGISTRY"),
-)
+# What the packages above config/ declare when they are imported (config imports none of them):
+# the registry behind each key, the closed choices of a key, the backbones that hold BatchNorm.
+# Every tool loads its config through dino_research.engine, which imports them all.
+_REGISTRY_KEYS: dict[str, object] = {}
+_CHOICES: dict[str, tuple[str, ...]] = {}
+_BATCHNORM_BACKBONES: set[str] = set()
+
+
+def declare_registry_key(key: str, registry) -> None:
+    """``key`` names a component of ``registry`` (an fvcore Registry): :func:`check_config` refuses
+    other names, listing the registered ones. Called by the package that owns the registry."""
+    _REGISTRY_KEYS[key] = registry
+
+
+def declare_choices(key: str, allowed) -> tuple[str, ...]:
+    """``key`` takes one of ``allowed`` (compared lower-case for ``SOLVER.OPTIMIZER``); called where
+    the key is read, which keeps the list. Returns ``allowed`` as a tuple."""
+    _CHOICES[key] = tuple(allowed)
+    return _CHOICES[key]
+
+
+def declare_batchnorm_backbone(name: str) -> None:
+    """Backbone ``name`` contains BatchNorm (:func:`check_world_size` then needs 2 images per forward)."""
+    _BATCHNORM_BACKBONES.add(name)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The declared choices of ``key`` (empty when its owner is not imported)."""
+    return _CHOICES.get(key, ())
+
 
 # ------------------------------------------------------------------------------ value rules
 # A rule is (predicate, phrase): the phrase completes "must be ...".
@@ -92,6 +101,8 @@ ANY_NUMBER: Rule = (_num, "a finite number")
 _RANGES: tuple[tuple[str, Rule], ...] = (
     ("MODEL.BACKBONE.DROP_PATH_RATE", _between(0, 1, hi_open=True)),
     ("MODEL.BACKBONE.DEPTH", NON_NEGATIVE),
+    ("MODEL.BACKBONE.PATCH_SIZE", _between(1, VIT_MAX_PATCH_SIZE)),
+    ("MODEL.BACKBONE.RESNET_WIDTH", AT_LEAST_ONE),
     ("MODEL.HEAD.OUT_DIM", AT_LEAST_ONE),
     ("MODEL.HEAD.HIDDEN_DIM", AT_LEAST_ONE),
     ("MODEL.HEAD.BOTTLENECK_DIM", AT_LEAST_ONE),
@@ -108,13 +119,17 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("INPUT.LOCAL_CROPS_SCALE", _values(2, _between(0, 1, lo_open=True), ordered=True)),
     ("INPUT.CROP_RATIO", _values(2, POSITIVE, ordered=True)),
     ("INPUT.FLIP_PROB", UNIT),
-    ("INPUT.COLOR_JITTER", _values(4, NON_NEGATIVE)),
+    ("INPUT.COLOR_JITTER", ((lambda v: _values(4, NON_NEGATIVE)[0](v) and v[3] <= 0.5),
+                            "(brightness, contrast, saturation, hue), all >= 0 and hue <= 0.5")),
     ("INPUT.COLOR_JITTER_PROB", UNIT),
     ("INPUT.GRAYSCALE_PROB", UNIT),
     ("INPUT.BLUR_RADIUS", _values(2, NON_NEGATIVE, ordered=True)),
     ("INPUT.GLOBAL_BLUR_PROBS", _values(2, UNIT)),
     ("INPUT.LOCAL_BLUR_PROB", UNIT),
     ("INPUT.GLOBAL_SOLARIZE_PROBS", _values(2, UNIT)),
+    ("INPUT.SOLARIZE_THRESHOLD", ((lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 256),
+                                  "an int in [0, 256] (0 inverts every value, 256 none)")),
+    ("INPUT.LOCAL_CROP_SIZE", AT_LEAST_ONE),
     ("INPUT.MEAN", _values(3, ANY_NUMBER)),
     ("INPUT.STD", _values(3, POSITIVE)),
     ("DATALOADER.NUM_WORKERS", NON_NEGATIVE),
@@ -151,6 +166,9 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("TEST.LINEAR.LR_GRID", _values(None, POSITIVE)),
     ("LOG_PERIOD", AT_LEAST_ONE),
 )
+
+
+_RANGE_OF = dict(_RANGES)
 
 
 def _get(cfg, key: str) -> Any:
@@ -215,13 +233,8 @@ def check_config(cfg) -> None:
 
 
 def _check_names(p: _Problems, cfg) -> None:
-    import dino_research.data
-    import dino_research.modeling
-    import dino_research.solver
-
-    packages = {"data": dino_research.data, "modeling": dino_research.modeling, "solver": dino_research.solver}
-    for key, package, attr in _REGISTRY_KEYS:
-        registry, name = getattr(packages[package], attr), _get(cfg, key)
+    for key, registry in _REGISTRY_KEYS.items():
+        name = _get(cfg, key)
         names = sorted(dict(registry))
         if name in names:
             continue
@@ -230,20 +243,30 @@ def _check_names(p: _Problems, cfg) -> None:
               (f"did you mean {_override(key, close[0])}? " if close else "one of these names ")
               + "(a component from outside dino_research must be imported, which registers it, "
                 "before the config is loaded)")
-    choices = (("SOLVER.OPTIMIZER", OPTIMIZERS, cfg.SOLVER.OPTIMIZER.lower()),
-               ("SOLVER.AMP.DTYPE", AMP_DTYPES, cfg.SOLVER.AMP.DTYPE),
-               ("MODEL.DEVICE", DEVICES, cfg.MODEL.DEVICE),
-               # owned by ImageFolder, which reads it (through build_eval_datasets)
-               ("TEST.UNKNOWN_VAL_CLASSES", dino_research.data.datasets.UNKNOWN_CLASS_POLICIES,
-                cfg.TEST.UNKNOWN_VAL_CLASSES))
-    for key, allowed, value in choices:
-        if value not in allowed:
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if (value.lower() if key == "SOLVER.OPTIMIZER" and isinstance(value, str) else value) not in allowed:
             p.add(key, f"not one of: {', '.join(allowed)}", f"one of them, e.g. {_override(key, allowed[0])}")
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` if it satisfies the range rule of config key ``key`` (the one table of value rules,
+    which components built by hand call too), else :class:`ConfigError` ``KEY = VALUE: must be ...``."""
+    rule = _RANGE_OF.get(key)
+    if rule is None:
+        raise KeyError(f"no value rule for {key}")
+    try:
+        good = bool(rule[0](value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key} = {value!r}: must be {rule[1]}")
+    return value
 
 
 def _check_backbone_and_crops(p: _Problems, cfg) -> None:
     b, inp = cfg.MODEL.BACKBONE, cfg.INPUT
-    local = inp.LOCAL_CROPS_NUMBER > 0 and p.require("INPUT.LOCAL_CROP_SIZE", AT_LEAST_ONE)
+    local = inp.LOCAL_CROPS_NUMBER > 0 and AT_LEAST_ONE[0](inp.LOCAL_CROP_SIZE)  # else reported by the ranges
     if b.NAME == "timm":
         import timm
 
@@ -259,8 +282,8 @@ def _check_backbone_and_crops(p: _Problems, cfg) -> None:
             p.add("TEST.ATTENTION.PERIOD", f"attention maps need a ViT backbone; MODEL.BACKBONE.NAME is {b.NAME!r}, "
                   "which has no [CLS]-to-patch attention", "TEST.ATTENTION.PERIOD 0")
         return
-    if not p.require("MODEL.BACKBONE.PATCH_SIZE", _between(1, VIT_MAX_PATCH_SIZE)):
-        return
+    if not _RANGE_OF["MODEL.BACKBONE.PATCH_SIZE"][0](b.PATCH_SIZE):
+        return  # reported by the range checks
     patch = b.PATCH_SIZE
     for key in ["INPUT.GLOBAL_CROP_SIZE"] + (["INPUT.LOCAL_CROP_SIZE"] if local else []) + ["TEST.CROP_SIZE"]:
         size = _get(cfg, key)
@@ -347,7 +370,7 @@ def check_world_size(cfg, world_size: int, device_type: Optional[str] = None) ->
     stay per process). ``SOLVER.ACCUMULATE_STEPS`` does not help, each micro-batch is normalized
     alone. With a single image, BatchNorm normalizes over that image's crops and removes what they
     share, which is exactly what DINO learns; so with ``MODEL.HEAD.USE_BN`` or a BatchNorm backbone
-    (``BATCHNORM_BACKBONES``) at least 2 images must be normalized together.
+    (:func:`declare_batchnorm_backbone`) at least 2 images must be normalized together.
     """
     p = _Problems(cfg)
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -355,7 +378,7 @@ def check_world_size(cfg, world_size: int, device_type: Optional[str] = None) ->
     synced = _device_type(cfg, device_type) == "cuda" and world_size > 1
     together = cfg.SOLVER.BATCH_SIZE_PER_GPU * (world_size if synced else 1)
     bn = ["MODEL.HEAD.USE_BN True"] if cfg.MODEL.HEAD.USE_BN else []
-    if cfg.MODEL.BACKBONE.NAME in BATCHNORM_BACKBONES:
+    if cfg.MODEL.BACKBONE.NAME in _BATCHNORM_BACKBONES:
         bn.append(f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME}")
     if bn and together < 2:
         scope = ("one process" if world_size == 1 else

@@ -26,8 +26,7 @@ The public interface is ``DINOMultiCrop(cfg)`` or ``DINOMultiCrop(**kwargs)``, t
 from __future__ import annotations
 
 import random
-from numbers import Real
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from ..config import configurable
+from ..config.checks import check_value
 from .build import AUGMENTATION_REGISTRY
 from .datasets import to_rgb
 from .pixel_ops import adjust_contrast_, adjust_hue, blend_, gaussian_blur, luma, solarize_, truncate_
@@ -106,39 +106,14 @@ def _key(arg: str) -> str:
     return f"INPUT.{arg.upper()}"
 
 
-def _check_probability(arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{_key(arg)} ({arg}) must be a probability in [0, 1]; got {value!r}")
-    return float(value)
+def _checked(arg: str, value):
+    """``value`` of argument ``arg`` if it satisfies the rule of its config key ``INPUT.ARG`` (the one
+    table of value rules, ``config.checks``), else a ``ConfigError`` naming the key."""
+    return check_value(_key(arg), value)
 
 
-def _check_int(arg: str, value, low: int, high: int | None) -> int:
-    in_range = isinstance(value, int) and low <= value and (high is None or value <= high)
-    if isinstance(value, bool) or not in_range:
-        interval = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{_key(arg)} ({arg}) must be an int {interval}; got {value!r}")
-    return value
-
-
-def _check_numbers(arg: str, value, length: int) -> tuple[float, ...]:
-    if (
-        not isinstance(value, Sequence)
-        or len(value) != length
-        or any(isinstance(v, bool) or not isinstance(v, Real) for v in value)
-    ):
-        raise ValueError(f"{_key(arg)} ({arg}) must be a sequence of {length} numbers; got {value!r}")
-    return tuple(float(v) for v in value)
-
-
-def _check_range(arg: str, value, low: float, high: float, low_open: bool = False) -> tuple[float, float]:
-    lo, hi = _check_numbers(arg, value, 2)
-    above_low = lo > low if low_open else lo >= low
-    if not (above_low and lo <= hi <= high):
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(
-            f"{_key(arg)} ({arg}) must be (min, max) with min <= max, both in {interval}; got {value!r}"
-        )
-    return lo, hi
+def _floats(arg: str, value) -> tuple[float, ...]:
+    return tuple(float(v) for v in _checked(arg, value))
 
 
 @AUGMENTATION_REGISTRY.register()
@@ -184,37 +159,24 @@ class DINOMultiCrop:
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
     ):
-        self.global_crop_size = _check_int("global_crop_size", global_crop_size, 1, None)
-        self.local_crop_size = _check_int("local_crop_size", local_crop_size, 1, None)
-        self.local_crops_number = _check_int("local_crops_number", local_crops_number, 0, None)
-        self.global_crops_scale = _check_range("global_crops_scale", global_crops_scale, 0.0, 1.0, True)
-        self.local_crops_scale = _check_range("local_crops_scale", local_crops_scale, 0.0, 1.0, True)
-        self.crop_ratio = _check_range("crop_ratio", crop_ratio, 0.0, float("inf"), True)
-        self.flip_prob = _check_probability("flip_prob", flip_prob)
-        self.color_jitter = _check_numbers("color_jitter", color_jitter, 4)
-        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
-            raise ValueError(
-                f"{_key('color_jitter')} (color_jitter) must be (brightness, contrast, saturation, hue), "
-                f"all >= 0 and hue <= 0.5; got {color_jitter!r}"
-            )
-        self.color_jitter_prob = _check_probability("color_jitter_prob", color_jitter_prob)
-        self.grayscale_prob = _check_probability("grayscale_prob", grayscale_prob)
-        self.blur_radius = _check_range("blur_radius", blur_radius, 0.0, float("inf"))
-        self.global_blur_probs = tuple(
-            _check_probability("global_blur_probs", p)
-            for p in _check_numbers("global_blur_probs", global_blur_probs, 2)
-        )
-        self.local_blur_prob = _check_probability("local_blur_prob", local_blur_prob)
-        self.global_solarize_probs = tuple(
-            _check_probability("global_solarize_probs", p)
-            for p in _check_numbers("global_solarize_probs", global_solarize_probs, 2)
-        )
+        self.global_crop_size = _checked("global_crop_size", global_crop_size)
+        self.local_crop_size = _checked("local_crop_size", local_crop_size)
+        self.local_crops_number = _checked("local_crops_number", local_crops_number)
+        self.global_crops_scale = _floats("global_crops_scale", global_crops_scale)
+        self.local_crops_scale = _floats("local_crops_scale", local_crops_scale)
+        self.crop_ratio = _floats("crop_ratio", crop_ratio)
+        self.flip_prob = float(_checked("flip_prob", flip_prob))
+        self.color_jitter = _floats("color_jitter", color_jitter)
+        self.color_jitter_prob = float(_checked("color_jitter_prob", color_jitter_prob))
+        self.grayscale_prob = float(_checked("grayscale_prob", grayscale_prob))
+        self.blur_radius = _floats("blur_radius", blur_radius)
+        self.global_blur_probs = _floats("global_blur_probs", global_blur_probs)
+        self.local_blur_prob = float(_checked("local_blur_prob", local_blur_prob))
+        self.global_solarize_probs = _floats("global_solarize_probs", global_solarize_probs)
         # Values >= the threshold are inverted: 0 inverts every value, 256 none.
-        self.solarize_threshold = _check_int("solarize_threshold", solarize_threshold, 0, 256)
-        self.mean = _check_numbers("mean", mean, 3)
-        self.std = _check_numbers("std", std, 3)
-        if min(self.std) <= 0:
-            raise ValueError(f"{_key('std')} (std) must be 3 positive numbers; got {std!r}")
+        self.solarize_threshold = _checked("solarize_threshold", solarize_threshold)
+        self.mean = _floats("mean", mean)
+        self.std = _floats("std", std)
         self._build_pipelines()
 
     @classmethod

@@ -8,6 +8,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch.utils.data import Dataset, Subset
 
+from ..config.checks import declare_registry_key
 from ..utils.errors import UserError
 from ..utils.registry import lookup
 
@@ -36,6 +37,11 @@ whose items are ``(transform(image), label: int)``, ``image`` an RGB ``PIL.Image
 where there is none. ``root`` is a local path or an iopath URI. Builders check that the data exist
 and fail with a message naming ``root`` otherwise; they never download unless a config key asks.
 """
+
+
+for _key, _registry in (("INPUT.AUGMENTATION", AUGMENTATION_REGISTRY), ("DATASETS.TRAIN", DATASET_REGISTRY),
+                        ("TEST.DATASET", DATASET_REGISTRY)):
+    declare_registry_key(_key, _registry)
 
 
 def build_augmentation(cfg) -> Callable:

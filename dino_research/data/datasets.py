@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..config import configurable
+from ..config.checks import declare_choices
 from .build import DATASET_REGISTRY, DatasetError
 from .folders import IMAGE_EXTENSIONS, is_image_name, join, list_images, real_dir_key
 from .images import UnreadableImageError, apply_exif_orientation, load_image, to_rgb
@@ -44,7 +45,7 @@ logger = logging.getLogger("dino_research")
 
 # ---------------------------------------------------------------------------------------- datasets
 # What ImageFolder does with class folders absent from the class index it is given (TEST.UNKNOWN_VAL_CLASSES).
-UNKNOWN_CLASS_POLICIES = ("error", "ignore")
+UNKNOWN_CLASS_POLICIES = declare_choices("TEST.UNKNOWN_VAL_CLASSES", ("error", "ignore"))
 
 
 @DATASET_REGISTRY.register()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, check_config, get_cfg
+from ..config.checks import declare_choices
 from ..config.imports import import_components
 from ..utils import comm
 from ..utils.logger import setup_logger
@@ -97,6 +98,10 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# MODEL.DEVICE's values (resolve_device).
+DEVICES = declare_choices("MODEL.DEVICE", ("auto", "cpu", "cuda"))
+
+
 def resolve_device(cfg) -> torch.device:
     """``MODEL.DEVICE``: "auto" picks this process's local GPU when CUDA is available, else the CPU."""
     choice = cfg.MODEL.DEVICE
@@ -108,7 +113,7 @@ def resolve_device(cfg) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     if choice == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} is not one of: auto, cpu, cuda")
+    raise ValueError(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} is not one of: {', '.join(DEVICES)}")
 
 
 def _holds_training_run(folder: str) -> bool:

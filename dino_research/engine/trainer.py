@@ -25,6 +25,7 @@ from ..checkpoint import (
     restore_rng_state,
 )
 from ..config import ConfigError, check_amp, check_config, check_world_size
+from ..config.checks import check_value, declare_choices
 from ..data import build_augmentation, build_dataset, fixed_subset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_model
@@ -43,6 +44,7 @@ from .resume_check import check_resume, check_state_shapes, write_run_config
 logger = logging.getLogger("dino_research")
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+declare_choices("SOLVER.AMP.DTYPE", AMP_DTYPES)
 
 
 def amp_settings(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -82,9 +84,7 @@ class DINOTrainer(SimpleTrainer):
         self.amp_enabled, self.amp_dtype = amp_settings(cfg, self.device)
         if self.device.type == "cpu" and keep_freed_memory_mapped():  # before loader workers fork
             logger.info("glibc malloc keeps freed memory mapped (steadier CPU steps; utils/malloc.py)")
-        self.accumulate = cfg.SOLVER.ACCUMULATE_STEPS
-        if self.accumulate < 1:
-            raise ValueError(f"SOLVER.ACCUMULATE_STEPS must be >= 1, got {self.accumulate}")
+        self.accumulate = check_value("SOLVER.ACCUMULATE_STEPS", cfg.SOLVER.ACCUMULATE_STEPS)
 
         dataset = fixed_subset(build_dataset(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_ROOT, train=True,
                                              transform=build_augmentation(cfg)), cfg.DATASETS.TRAIN_SUBSET, cfg.SEED)

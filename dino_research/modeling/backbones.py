@@ -22,6 +22,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import models as tv_models
 
+from ..config.checks import check_value, declare_batchnorm_backbone
 from .build import BACKBONE_REGISTRY
 
 __all__ = ["DINOVisionTransformer", "vit_tiny", "vit_small", "vit_base", "resnet50", "timm"]
@@ -246,12 +247,8 @@ class DINOVisionTransformer(VisionTransformer):
 
 
 def _vit(cfg, drop_path_rate: float, embed_dim: int, num_heads: int) -> DINOVisionTransformer:
-    patch_size = cfg.MODEL.BACKBONE.PATCH_SIZE
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-        raise ValueError(f"MODEL.BACKBONE.PATCH_SIZE must be a positive integer, got {patch_size!r}")
-    depth = cfg.MODEL.BACKBONE.DEPTH or 12
-    if depth < 1:
-        raise ValueError(f"MODEL.BACKBONE.DEPTH must be >= 1 (or 0 for the standard 12), got {depth}")
+    patch_size = check_value("MODEL.BACKBONE.PATCH_SIZE", cfg.MODEL.BACKBONE.PATCH_SIZE)
+    depth = check_value("MODEL.BACKBONE.DEPTH", cfg.MODEL.BACKBONE.DEPTH) or 12
     return DINOVisionTransformer(
         patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         drop_path_rate=drop_path_rate,
@@ -274,6 +271,9 @@ def vit_small(cfg, drop_path_rate: float) -> DINOVisionTransformer:
 def vit_base(cfg, drop_path_rate: float) -> DINOVisionTransformer:
     """ViT-Base/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=768, 12 blocks (MODEL.BACKBONE.DEPTH), 12 heads (85M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=768, num_heads=12)
+
+
+declare_batchnorm_backbone("resnet50")
 
 
 @BACKBONE_REGISTRY.register()

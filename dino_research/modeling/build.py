@@ -11,6 +11,7 @@ from typing import Optional
 import torch.nn as nn
 from fvcore.common.registry import Registry
 
+from ..config.checks import declare_registry_key
 from ..utils.registry import lookup
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
@@ -88,6 +89,12 @@ The trainer, the hooks, the health metrics and the checkpoint loader call only t
 Every rank must hold identical non-trained state after ``after_step`` (all-reduce what depends on
 the local batch), so that checkpoints and evaluation agree across ranks.
 """
+
+
+for _key, _registry in (("MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY), ("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY),
+                        ("MODEL.HEAD.NAME", HEAD_REGISTRY), ("MODEL.LOSS.NAME", LOSS_REGISTRY),
+                        ("MODEL.TEACHER.EMA", EMA_REGISTRY)):
+    declare_registry_key(_key, _registry)
 
 
 def build_backbone(cfg, drop_path_rate: Optional[float] = None) -> nn.Module:

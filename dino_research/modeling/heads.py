@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import configurable
+from ..config.checks import check_value
 from .build import HEAD_REGISTRY
 
 
@@ -71,8 +72,7 @@ class DINOHead(nn.Module):
         norm_last_layer: bool = True,
     ):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"MODEL.HEAD.NUM_LAYERS must be >= 1, got {num_layers}")
+        check_value("MODEL.HEAD.NUM_LAYERS", num_layers)
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import configurable
+from ..config.checks import check_value
 from ..utils import comm
 from .build import LOSS_REGISTRY
 
@@ -34,10 +35,8 @@ class DINOLoss(nn.Module):
     def __init__(self, *, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  num_global_crops: int = 2):
         super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"MODEL.LOSS.STUDENT_TEMP must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"MODEL.LOSS.CENTER_MOMENTUM must be in [0, 1], got {center_momentum}")
+        check_value("MODEL.LOSS.STUDENT_TEMP", student_temp)
+        check_value("MODEL.LOSS.CENTER_MOMENTUM", center_momentum)
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.num_global_crops = num_global_crops

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..config.checks import check_value, declare_batchnorm_backbone
 from .build import BACKBONE_REGISTRY
 
 __all__ = ["CifarResNet", "cifar_resnet"]
@@ -114,7 +115,10 @@ class CifarResNet(nn.Module):
 def cifar_resnet(cfg, drop_path_rate: float) -> CifarResNet:
     """CIFAR-style ResNet: depth ``MODEL.BACKBONE.DEPTH`` (0 means 18; 18, 34 or 50), base width
     ``MODEL.BACKBONE.RESNET_WIDTH``. ``drop_path_rate`` is ignored (no stochastic depth)."""
-    depth = cfg.MODEL.BACKBONE.DEPTH or 18
+    depth = check_value("MODEL.BACKBONE.DEPTH", cfg.MODEL.BACKBONE.DEPTH) or 18
     if depth not in DEPTHS:
         raise ValueError(f"MODEL.BACKBONE.DEPTH = {depth}: cifar_resnet has depths {sorted(DEPTHS)} (0 means 18)")
-    return CifarResNet(depth=depth, width=cfg.MODEL.BACKBONE.RESNET_WIDTH)
+    return CifarResNet(depth=depth, width=check_value("MODEL.BACKBONE.RESNET_WIDTH", cfg.MODEL.BACKBONE.RESNET_WIDTH))
+
+
+declare_batchnorm_backbone("cifar_resnet")

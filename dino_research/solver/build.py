@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from fvcore.common.registry import Registry
 
+from ..config.checks import declare_choices, declare_registry_key
 from ..utils import comm
 from ..utils.registry import lookup
 
@@ -31,6 +32,12 @@ the run's iterations) and its entries are added; a name already taken is an erro
 the config does not use them (another ``MODEL.META_ARCHITECTURE``). The trainer passes every schedule
 but lr and weight decay to the model's ``forward``/``after_step`` as a keyword argument and logs it.
 """
+
+for _key in ("SOLVER.LR_SCHEDULER", "SOLVER.WEIGHT_DECAY_SCHEDULER", "MODEL.TEACHER.MOMENTUM_SCHEDULER",
+             "MODEL.LOSS.TEACHER_TEMP_SCHEDULER"):
+    declare_registry_key(_key, SCHEDULER_REGISTRY)
+# The optimizers build_optimizer knows (SOLVER.OPTIMIZER, case-insensitive).
+OPTIMIZERS = declare_choices("SOLVER.OPTIMIZER", ("adamw", "sgd", "lars"))
 
 # Reference batch of the linear scaling rule: BASE_LR is the learning rate for 256 images.
 LR_REFERENCE_BATCH = 256
@@ -145,7 +152,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                                fused=fused or None)
     if name == "lars":
         return LARS(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
-    raise ValueError(f"SOLVER.OPTIMIZER = {s.OPTIMIZER!r} is not one of: adamw, sgd, lars")
+    raise ValueError(f"SOLVER.OPTIMIZER = {s.OPTIMIZER!r} is not one of: {', '.join(OPTIMIZERS)}")
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

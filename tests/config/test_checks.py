@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from dino_research.config import ConfigError, check_amp, check_config, check_world_size, flatten_config, get_cfg
-from dino_research.config.checks import AMP_DTYPES, OPTIMIZERS
+from dino_research.config.checks import choices
 from dino_research.engine import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,9 +167,9 @@ def test_closed_choices_match_their_builders():
     from dino_research.engine import trainer
     from dino_research.solver import build_optimizer
 
-    assert set(AMP_DTYPES) == set(trainer.AMP_DTYPES)
+    assert set(choices("SOLVER.AMP.DTYPE")) == set(trainer.AMP_DTYPES)  # declared by their owner
     cfg = get_cfg()
-    for name in OPTIMIZERS:
+    for name in choices("SOLVER.OPTIMIZER"):
         cfg.SOLVER.OPTIMIZER = name
         assert isinstance(build_optimizer(cfg, nn.Linear(2, 2)), torch.optim.Optimizer)
 
@@ -239,3 +239,27 @@ def test_train_net_refuses_before_building_anything(tmp_path):
     assert "fix: SOLVER.FREEZE_LAST_LAYER_EPOCHS 100 or less" in proc.stderr
     assert str(data) not in proc.stderr  # no dataset was looked for
     assert not out.exists()  # nothing set up: no log, no config dump, no checkpoint
+
+
+def test_config_imports_nothing_above_it_and_the_owners_declare_their_names():
+    """config/ is a leaf (importing it loads no data/modeling/solver/engine module); the registries and
+    closed choices it checks are declared by the packages that own them, when those are imported."""
+    code = ("import sys, dino_research.config, dino_research.config.checks as c; "
+            "print(sorted(m for m in sys.modules if m.startswith('dino_research.') and m.split('.')[1] "
+            "not in ('config', 'utils'))); print(len(c._REGISTRY_KEYS)); import dino_research.engine; "
+            "print(len(c._REGISTRY_KEYS), sorted(c._CHOICES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]" and out[1] == "0"
+    assert out[2].startswith("12 ") and all(k in out[2] for k in ("SOLVER.OPTIMIZER", "SOLVER.AMP.DTYPE",
+                                                                 "MODEL.DEVICE", "TEST.UNKNOWN_VAL_CLASSES"))
+
+
+def test_a_component_built_by_hand_checks_its_value_with_the_config_table():
+    from dino_research.modeling.losses import DINOLoss
+
+    with pytest.raises(ConfigError, match=r"MODEL.LOSS.STUDENT_TEMP = 0.0: must be > 0"):
+        DINOLoss(out_dim=4, student_temp=0.0)
+    cfg = get_cfg()
+    cfg.MODEL.LOSS.STUDENT_TEMP = 0.0
+    with pytest.raises(ConfigError, match=r"MODEL.LOSS.STUDENT_TEMP = 0.0: must be > 0"):  # the same rule, same words
+        check_config(cfg)

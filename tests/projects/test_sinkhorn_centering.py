@@ -100,7 +100,8 @@ def test_a_bad_import_is_a_config_error_naming_the_entry(tmp_path):
 
 
 def test_train_net_runs_the_project_config(tmp_path):
-    tiny = ["MODEL.BACKBONE.NAME", "vit_tiny", "MODEL.BACKBONE.DEPTH", "2", "MODEL.HEAD.OUT_DIM", "64",
+    tiny = ["MODEL.BACKBONE.NAME", "vit_tiny", "MODEL.BACKBONE.DEPTH", "2", "MODEL.BACKBONE.PATCH_SIZE", "7",
+            "MODEL.HEAD.USE_BN", "False", "MODEL.TEACHER.EMA", "ParamEMA", "MODEL.HEAD.OUT_DIM", "64",
             "MODEL.HEAD.HIDDEN_DIM", "32", "MODEL.HEAD.BOTTLENECK_DIM", "16", "DATASETS.TRAIN", "Synthetic",
             "DATASETS.SYNTHETIC_SIZE", "8", "DATASETS.SYNTHETIC_IMAGE_SIZE", "32", "DATASETS.TRAIN_SUBSET", "0",
             "SOLVER.BATCH_SIZE_PER_GPU", "4", "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0",
