@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..checkpoint import atomic_save, load_file
 from ..utils import comm
 
-__all__ = ["extract_features", "extract_features_multi", "load_features", "save_features", "shard_indices"]
+__all__ = ["FEATURES_FORMAT", "load_feature_file", "save_feature_file", "extract", "extract_features", "extract_features_multi", "load_features", "save_features", "shard_indices"]
 
 logger = logging.getLogger("dino_research")
 
@@ -32,17 +32,22 @@ logger = logging.getLogger("dino_research")
 FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
 
 
-def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
-    """Dataset indices handled by ``rank``: ``rank, rank + W, rank + 2W, ...``, padded by wrapping
-    around so that every rank gets ``ceil(num_items / W)`` of them (``W = world_size``).
+def shard_indices(num_items: int, rank: int, world_size: int, pad: bool = True) -> list[int]:
+    """Dataset indices handled by ``rank``: ``rank, rank + W, rank + 2W, ...`` (``W = world_size``), the
+    one rule by which every evaluation splits a dataset over ranks.
 
-    Position ``p = i * W + rank`` of the padded sequence is index ``p % num_items``: gathering the
-    ranks' ``i``-th items side by side and keeping the first ``num_items`` restores dataset order.
+    With ``pad`` (features gathered on every rank) the share is padded by wrapping around so that
+    every rank gets ``ceil(num_items / W)`` indices, and position ``p = i * W + rank`` of the padded
+    sequence is index ``p % num_items``: gathering the ranks' ``i``-th items side by side and keeping
+    the first ``num_items`` restores dataset order. Without it (features kept on their rank, e.g. the
+    fast linear probe's cache) the shares are disjoint and exact: ``range(rank, num_items, W)``.
     """
     if num_items <= 0:
         raise ValueError(f"cannot shard an empty dataset (num_items={num_items})")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if not pad:
+        return list(range(rank, num_items, world_size))
     per_rank = math.ceil(num_items / world_size)
     return [(i * world_size + rank) % num_items for i in range(per_rank)]
 
@@ -155,17 +160,53 @@ def extract_features_multi(
         ``[features (N, D_i) for each backbone]``, float32 rows of unit L2 norm, and ``labels`` (N,)
         int64, all on the CPU and in dataset order, identical on every rank (N = ``len(dataset)``).
 
-    With a process group of W ranks, rank r computes the items of :func:`shard_indices` (every W-th
-    one, padded by wrapping so all ranks run the same number of batches) and the results are
-    exchanged with ``all_gather``; every rank must call this function. Without a process group the
-    whole dataset is processed in this process.
+    :func:`extract` with ``normalize=True, gather=True``: with W ranks, rank r computes the items of
+    :func:`shard_indices` (padded so all ranks run the same number of batches) and the results are
+    exchanged with ``all_gather``; every rank must call this function.
+    """
+    for backbone in backbones:
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbones must be modules, got {type(backbone).__name__}")
+    return extract(backbones, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                   amp_dtype=amp_dtype, progress=progress, normalize=True, gather=True, rows=True)
+
+
+@torch.no_grad()
+def extract(
+    functions: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    normalize: bool = False,
+    gather: bool = True,
+    rows: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The one feature-extraction loop of every evaluation: ``functions`` applied to the images of
+    ``dataset`` in one pass (each image read and transformed once).
+
+    Args:
+        functions: each maps images (B, 3, H, W) on ``device`` to features (B, ...) of any shape (a
+            backbone's CLS token, ``block_features`` (B, R, D), patch tokens); modules among them
+            run in eval mode (their mode is restored afterwards).
+        normalize: L2-normalize each row over its last dimension (float32).
+        gather: every rank gets every item, in dataset order (:func:`shard_indices` padded, then
+            ``all_gather``); else each rank keeps its exact, disjoint share (``pad=False``), in order.
+        rows: each function must return one feature vector per image, (B, D).
+        others: as :func:`extract_features_multi`.
+
+    Returns ``([features (N, ...) float32 for each function], labels (N,) int64)`` on the CPU; ``N`` is
+    ``len(dataset)`` with ``gather``, this rank's share otherwise.
     """
     device = torch.device(device)
     num_items = len(dataset)
     if num_items == 0:
         raise ValueError("extract_features: the dataset is empty")
     rank, world_size = comm.get_rank(), comm.get_world_size()
-    indices = shard_indices(num_items, rank, world_size)
+    indices = shard_indices(num_items, rank, world_size, pad=gather)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, drop_last=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False,
@@ -174,45 +215,85 @@ def extract_features_multi(
                         # random stream (and break exact resume).
                         generator=torch.Generator())
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    was_training = [backbone.training for backbone in backbones]
-    for backbone in backbones:
-        backbone.eval()
+    modules = [f for f in functions if isinstance(f, nn.Module)]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     bar = _Progress(len(loader), "extracting features", progress and comm.is_main_process())
-    features, labels = [None] * len(backbones), torch.empty(len(indices), dtype=torch.int64)
+    features, labels = [None] * len(functions), torch.empty(len(indices), dtype=torch.int64)
     start = 0
     try:
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             stop = start + images.shape[0]
-            for i, backbone in enumerate(backbones):
+            for i, fn in enumerate(functions):
                 with autocast:
-                    out = backbone(images)
-                if out.ndim != 2 or out.shape[0] != images.shape[0]:
-                    raise ValueError(f"the backbone must return features (B, D); got {tuple(out.shape)} "
-                                     f"for a batch of {images.shape[0]} images")
-                out = F.normalize(out.float(), dim=1)  # in float32: autocast outputs may be half precision
-                if features[i] is None:
-                    features[i] = torch.empty(len(indices), out.shape[1], dtype=torch.float32)
+                    out = fn(images)
+                if out.ndim < 2 or out.shape[0] != images.shape[0] or (rows and out.ndim != 2):
+                    raise ValueError(f"the backbone must return features {'(B, D)' if rows else '(B, ...)'}; got "
+                                     f"{tuple(out.shape)} for a batch of {images.shape[0]} images")
+                out = out.float()  # in float32: autocast outputs may be half precision
+                if normalize:
+                    out = F.normalize(out, dim=-1)
+                if features[i] is None:  # preallocated: no second copy when concatenating
+                    features[i] = torch.empty(len(indices), *out.shape[1:], dtype=torch.float32)
                 features[i][start:stop] = out.cpu()
             labels[start:stop] = torch.as_tensor(targets, dtype=torch.int64)
             start = stop
             bar.update()
     finally:
         bar.close()
-        for backbone, mode in zip(backbones, was_training):
-            backbone.train(mode)
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
     assert start == len(indices), f"loaded {start} items, expected {len(indices)}"
+    if not gather:
+        return features, labels
     return ([_all_gather_in_order(f, num_items, device) for f in features],
             _all_gather_in_order(labels, num_items, device))
 
 
+# The one features-file layout of the evaluations (k-NN dumps, the fast linear probe's per-rank cache):
+# {"format": FEATURES_FORMAT, "splits": {NAME: {"features", "labels", "dataset_size"}}, "meta": {...}}.
+FEATURES_FORMAT = "dino_research.features/1"
+
+
+def save_feature_file(path: str, splits: dict, **meta) -> None:
+    """Write ``splits`` (``{name: {"features": Tensor (N, ...), "labels": Tensor (N,), "dataset_size":
+    int}}``) and ``meta`` (plain values) to ``path`` atomically, readable with :func:`load_feature_file`."""
+    clean = {name: {"features": split["features"].detach().cpu(), "labels": split["labels"].detach().cpu(),
+                    "dataset_size": int(split.get("dataset_size", split["labels"].shape[0]))}
+             for name, split in splits.items()}
+    atomic_save({"format": FEATURES_FORMAT, "splits": clean, "meta": dict(meta)}, path)
+
+
+def load_feature_file(path: str) -> tuple[dict, dict]:
+    """``(splits, meta)`` of a file written by :func:`save_feature_file`, read safely (``weights_only``).
+    A k-NN dump of an earlier version (keys ``train_features``, ...) is read as splits train and val.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+        ValueError: it is not a features file.
+    """
+    data = load_file(path)
+    if isinstance(data, dict) and data.get("format") == FEATURES_FORMAT:
+        return data["splits"], data.get("meta", {})
+    if isinstance(data, dict) and all(k in data for k in FEATURE_KEYS):  # the layout before the format key
+        return ({"train": {"features": data["train_features"], "labels": data["train_labels"],
+                           "dataset_size": len(data["train_labels"])},
+                 "val": {"features": data["test_features"], "labels": data["test_labels"],
+                         "dataset_size": len(data["test_labels"])}}, {})
+    found = sorted(data) if isinstance(data, dict) else type(data).__name__
+    raise ValueError(f"{path} is not a features file (format {FEATURES_FORMAT}): found {found}")
+
+
 def save_features(path: str, train_features: torch.Tensor, train_labels: torch.Tensor,
                   test_features: torch.Tensor, test_labels: torch.Tensor) -> None:
-    """Write the four tensors to ``path`` (a ``torch.save`` dict of CPU tensors, written atomically),
-    readable with :func:`load_features`. Call it on one process."""
+    """Write k-NN features (splits train and val) to ``path`` (:func:`save_feature_file`), readable
+    with :func:`load_features`. Call it on one process."""
     tensors = dict(zip(FEATURE_KEYS, (train_features, train_labels, test_features, test_labels)))
     _check_features(tensors, path)
-    atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, path)
+    save_feature_file(path, {"train": {"features": train_features, "labels": train_labels},
+                             "val": {"features": test_features, "labels": test_labels}})
 
 
 def load_features(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,12 +304,13 @@ def load_features(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         CheckpointError: the file is missing or unreadable.
         ValueError: it is not a features file (keys, shapes or dtypes do not fit).
     """
-    data = load_file(path)
-    if not isinstance(data, dict) or any(k not in data for k in FEATURE_KEYS):
-        found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a features file: expected keys {list(FEATURE_KEYS)}, found {found}")
-    _check_features(data, path)
-    return tuple(data[k] for k in FEATURE_KEYS)
+    splits, _ = load_feature_file(path)
+    if "train" not in splits or "val" not in splits:
+        raise ValueError(f"{path} holds splits {sorted(splits)}; k-NN needs train and val")
+    t = {"train_features": splits["train"]["features"], "train_labels": splits["train"]["labels"],
+         "test_features": splits["val"]["features"], "test_labels": splits["val"]["labels"]}
+    _check_features(t, path)
+    return tuple(t[k] for k in FEATURE_KEYS)
 
 
 def _check_features(t: dict, where: str) -> None:

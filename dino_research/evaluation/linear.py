@@ -170,9 +170,12 @@ def check_labels(labels: torch.Tensor) -> None:
 
 
 def rank_share(dataset: Dataset) -> Dataset:
-    """Items ``rank, rank + world, ...`` of ``dataset``: disjoint shares, no padding (exact counts)."""
+    """Items ``rank, rank + world, ...`` of ``dataset``: disjoint shares, no padding (exact counts);
+    the evaluations' one splitting rule, ``features.shard_indices(pad=False)``."""
+    from .features import shard_indices
+
     world = comm.get_world_size()
-    return dataset if world == 1 else Subset(dataset, range(comm.get_rank(), len(dataset), world))
+    return dataset if world == 1 else Subset(dataset, shard_indices(len(dataset), comm.get_rank(), world, pad=False))
 
 
 def write_linear_results(path: str, results: dict) -> None:

@@ -37,20 +37,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_save, load_file
+from ..checkpoint import atomic_save
 from ..data import build_eval_transform
 from ..data.eval_transforms import build_eval_datasets
 from ..data.samplers import derive_seed
 from ..utils import comm
+from .features import extract, load_feature_file, save_feature_file
 from .linear import (
     LinearClassifier,
     block_features,
     check_labels,
     cosine_lr,
     has_blocks,
-    rank_share,
     scaled_linear_lr,
     select_features,
 )
@@ -95,27 +95,14 @@ class CachedFeatures:
     dataset_size: int
 
 
-@torch.no_grad()
 def extract_block_features(backbone: nn.Module, dataset: Dataset, *, n_blocks: int, batch_size: int, device,
                            num_workers: int = 0, log_period: int = 0) -> CachedFeatures:
-    """``block_features`` of this rank's share (items ``rank::world``) of ``dataset``, on the CPU."""
+    """``block_features`` of this rank's share (``shard_indices(pad=False)``) of ``dataset``, on the CPU,
+    through the evaluations' one extraction loop (``features.extract``)."""
     backbone = backbone.to(device).eval()
-    share = rank_share(dataset)
-    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
-    features, labels, filled, start = None, torch.empty(len(share), dtype=torch.int64), 0, time.perf_counter()
-    for i, (images, target) in enumerate(loader):
-        out = block_features(backbone, images.to(device, non_blocking=True), n_blocks).float().cpu()
-        if features is None:  # preallocated: no second copy when concatenating
-            features = torch.empty(len(share), *out.shape[1:])
-        features[filled:filled + len(out)] = out
-        labels[filled:filled + len(out)] = torch.as_tensor(target)
-        filled += len(out)
-        if log_period and (i + 1) % log_period == 0:
-            logger.info("features: %d/%d images (%.0f images/s)", filled, len(share),
-                        filled / (time.perf_counter() - start))
-    if features is None:
-        raise ValueError(f"{dataset!r} is empty on rank {comm.get_rank()}")
+    (features,), labels = extract([lambda images: block_features(backbone, images, n_blocks)], dataset,
+                                  batch_size=batch_size, device=device, num_workers=num_workers,
+                                  progress=log_period > 0, gather=False)
     check_labels(labels)
     return CachedFeatures(features, labels, len(dataset))
 
@@ -127,9 +114,10 @@ def rank_path(path: str) -> str:
 
 
 def save_block_features(path: str, train: CachedFeatures, val: CachedFeatures, n_blocks: Optional[int]) -> None:
-    """Write this rank's cached features to :func:`rank_path` ``(path)`` (atomically)."""
-    atomic_save({"train": vars(train), "val": vars(val), "n_blocks": n_blocks,
-                 "world_size": comm.get_world_size()}, rank_path(path))
+    """Write this rank's cached features to :func:`rank_path` ``(path)`` (the evaluations' one features
+    file layout, ``features.save_feature_file``)."""
+    save_feature_file(rank_path(path), {"train": vars(train), "val": vars(val)}, n_blocks=n_blocks,
+                      world_size=comm.get_world_size())
 
 
 def load_block_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Optional[int]]:
@@ -138,11 +126,11 @@ def load_block_features(path: str) -> tuple[CachedFeatures, CachedFeatures, Opti
         written = sorted(glob.glob(glob.escape(path) + ".rank0-of-*")) + ([path] if os.path.isfile(path) else [])
         hint = f"; found {', '.join(written)}: run with as many processes as wrote them" if written else ""
         raise FileNotFoundError(f"no features file {rank_path(path)}{hint}")
-    data = load_file(rank_path(path))
-    if data.get("world_size") != comm.get_world_size():
-        raise ValueError(f"{rank_path(path)} holds the share of one of {data.get('world_size')} processes; "
+    splits, meta = load_feature_file(rank_path(path))
+    if meta.get("world_size") != comm.get_world_size() or "n_blocks" not in meta:
+        raise ValueError(f"{rank_path(path)} holds the share of one of {meta.get('world_size')} processes; "
                          f"run with the same number of processes ({comm.get_world_size()} now)")
-    return CachedFeatures(**data["train"]), CachedFeatures(**data["val"]), data["n_blocks"]
+    return CachedFeatures(**splits["train"]), CachedFeatures(**splits["val"]), meta["n_blocks"]
 
 
 class LinearGrid(nn.Module):

@@ -98,6 +98,8 @@ def test_fast_grid_with_features_dumped_then_reloaded(tmp_path, tiny_checkpoint,
     with torch.no_grad():
         expected = block_features(backbone, images, 2)
     dumped = load_file(str(dump))
+    assert dumped["format"] == "dino_research.features/1" and dumped["meta"]["n_blocks"] == 2
+    dumped = dumped["splits"]  # the evaluations' one features-file layout
     torch.testing.assert_close(dumped["val"]["features"], expected, rtol=1e-4, atol=1e-5)
     assert dumped["val"]["labels"].tolist() == [i % 10 for i in range(40)]
     assert dumped["train"]["features"].shape == (40, 3, 192)

@@ -148,3 +148,23 @@ def test_features_file_round_trip(tmp_path):
         load_features(str(tmp_path / "other.pth"))
     with pytest.raises(CheckpointError):
         load_features(str(tmp_path / "missing.pth"))
+
+
+def test_one_features_file_layout_and_earlier_knn_dumps_still_load(tmp_path):
+    from dino_research.checkpoint import atomic_save, load_file
+    from dino_research.evaluation.features import load_feature_file, load_features, save_features
+
+    f, l = torch.randn(5, 3), torch.arange(5)
+    save_features(str(tmp_path / "new.pth"), f, l, f[:2], l[:2])
+    data = load_file(str(tmp_path / "new.pth"))
+    assert data["format"] == "dino_research.features/1" and sorted(data["splits"]) == ["train", "val"]
+    splits, _ = load_feature_file(str(tmp_path / "new.pth"))
+    assert splits["train"]["dataset_size"] == 5
+    atomic_save({"train_features": f, "train_labels": l, "test_features": f[:2], "test_labels": l[:2]},
+                str(tmp_path / "old.pth"))  # the layout written before the format key
+    for name in ("new.pth", "old.pth"):
+        got = load_features(str(tmp_path / name))
+        assert torch.equal(got[0], f) and torch.equal(got[3], l[:2])
+    atomic_save({"something": f}, str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="is not a features file"):
+        load_features(str(tmp_path / "other.pth"))
