@@ -238,12 +238,13 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(precision, batch, output_dir, opts)
             crops_and_labels = fixed_batch(trainer.cfg, batch)
-            trainer.data_source = lambda start: itertools.repeat(crops_and_labels)  # in memory: no data loading
+            # In memory: no data loading.
+            trainer.data_source = lambda start, batch=crops_and_labels: itertools.repeat(batch)
             trainer.open_data(0)
             with EventStorage(0) as trainer.storage:
                 with OtherLoad() as other_load:
-                    times, probes = time_steps(trainer, warmup, iters, lambda: {
-                        dtype: matmul_gflops(dtype, probe_size) for dtype in probe_dtypes})
+                    times, probes = time_steps(trainer, warmup, iters, lambda dtypes=probe_dtypes: {
+                        dtype: matmul_gflops(dtype, probe_size) for dtype in dtypes})
                 flops = count_step_flops(trainer)
             del trainer
         measured.append((precision, times, probes, flops, other_load.share))

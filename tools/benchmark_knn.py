@@ -21,10 +21,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchmark import cpu_model  # the shared machine description of tools/benchmark.py
 
 from dino_research.evaluation.knn import knn_classifier_multi_k
-
-from benchmark import cpu_model  # the shared machine description of tools/benchmark.py
 
 
 @torch.no_grad()

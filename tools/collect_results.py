@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from dino_research.utils.slurm import MANIFEST, read_status
+from dino_research.engine.slurm import MANIFEST, read_status
 
 COLUMNS = ["run", "overrides", "status", "requeues", "iteration", "loss", "knn_top1", "linear_top1", "output_dir"]
 

@@ -25,12 +25,12 @@ import torch.nn as nn
 from dino_research.data import build_eval_transform
 from dino_research.data.eval_transforms import build_eval_datasets
 from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
-from dino_research.evaluation.features import extract_features, load_features, save_features
-from dino_research.evaluation.knn import effective_k, k_note, knn_classifier_multi_k
+from dino_research.engine.slurm import main_or_submit
+from dino_research.evaluation.features import load_features, save_features
+from dino_research.evaluation.knn import effective_k, k_note, knn_classifier_multi_k, knn_features
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
 from dino_research.utils import comm
-from dino_research.utils.slurm import main_or_submit
 
 logger = logging.getLogger("dino_research")
 
@@ -65,12 +65,12 @@ def compute_features(cfg, args):
         backbone = load_backbone(cfg, args.weights, args.checkpoint_key)
     backbone.to(device)
     transform = build_eval_transform(cfg)
-    splits = {}
-    for split, dataset in zip(("train", "val"), build_eval_datasets(cfg, transform, transform)):
+    bank, queries = build_eval_datasets(cfg, transform, transform)
+    for split, dataset in (("train", bank), ("val", queries)):
         logger.info("%s split: %s (%d images)", split, dataset, len(dataset))
-        splits[split] = extract_features(backbone, dataset, batch_size=cfg.TEST.BATCH_SIZE, device=device,
-                                         num_workers=cfg.DATALOADER.NUM_WORKERS)
-    return (*splits["train"], *splits["val"])
+    (features,) = knn_features([backbone], bank, queries, batch_size=cfg.TEST.BATCH_SIZE, device=device,
+                               num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return features
 
 
 def main(args) -> None:

@@ -16,11 +16,11 @@ import logging
 import os
 
 from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine.slurm import main_or_submit
 from dino_research.evaluation import load_backbone
 from dino_research.evaluation.linear import LINEAR_RESULTS, run_linear_eval, write_linear_results
 from dino_research.evaluation.linear_fast import run_fast_linear_eval
 from dino_research.utils import comm
-from dino_research.utils.slurm import main_or_submit
 
 logger = logging.getLogger("dino_research")
 

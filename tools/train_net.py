@@ -19,8 +19,8 @@ from dino_research.engine import (
     install_stop_handlers,
     load_config,
 )
+from dino_research.engine.slurm import main_or_submit
 from dino_research.utils.run_lock import hold_run_lock
-from dino_research.utils.slurm import main_or_submit
 
 logger = logging.getLogger("dino_research")
 

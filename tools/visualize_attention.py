@@ -2,7 +2,8 @@
 """Write the last block's self-attention maps of a ViT for an image or a folder of images.
 
     python tools/visualize_attention.py --weights FILE --image PATH_OR_FOLDER [--output DIR]
-        [--image-size H [W]] [--max-size 1024] [--threshold 0.6] [--figure-scale K] [--config FILE] [--checkpoint-key teacher]
+        [--image-size H [W]] [--max-size 1024] [--threshold 0.6] [--figure-scale K] [--config FILE]
+        [--checkpoint-key teacher]
         [KEY VALUE ...]
 
 For every image (a file, or each image directly inside a folder, sorted by name) the tool writes to
@@ -35,7 +36,6 @@ the per-head table, the best head and the mean over heads, and writes OUTPUT/att
 """
 
 import json
-
 import logging
 import os
 
@@ -44,20 +44,16 @@ from PIL import Image
 from dino_research.data.datasets import IMAGE_EXTENSIONS, UnreadableImageError, load_image
 from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
 from dino_research.evaluation import load_backbone
+from dino_research.evaluation.attention import (
+    check_attention_backbone,
+    colorize,
+    limit_size,
+    render_attention,
+    resize_image,
+)
 from dino_research.evaluation.segmentation import attention_jaccard_of_images
 from dino_research.modeling import build_model
 from dino_research.utils.errors import report_user_errors
-from dino_research.evaluation.attention import (
-    attention_figure,
-    check_attention_backbone,
-    colorize,
-    last_self_attention_maps,
-    limit_size,
-    prepare_image,
-    resize_image,
-    threshold_masks,
-    upsample,
-)
 
 logger = logging.getLogger("dino_research")
 
@@ -96,7 +92,7 @@ def main(args) -> None:
     try:
         check_attention_backbone(backbone, f"{name} ({cfg.MODEL.BACKBONE.TIMM_MODEL})" if name == "timm" else name)
     except TypeError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     device = resolve_device(cfg)
     backbone.to(device)
     if args.jaccard:
@@ -160,11 +156,9 @@ def sized_image(image, path: str, args):
 
 def draw(backbone, picture, path: str, cfg, args, device) -> str:
     """Write the maps, masks and figure of one image (already sized) to OUTPUT/<stem>/; returns that folder."""
-    p = backbone.patch_size
-    image, tensor = prepare_image(picture, p, cfg.INPUT.MEAN, cfg.INPUT.STD)  # crop to a patch multiple
-    grid = last_self_attention_maps(backbone, tensor.to(device))[0].cpu()  # (heads, H/p, W/p)
-    maps = upsample(grid, p)  # (heads, H, W)
-    masks = upsample(threshold_masks(grid, args.threshold), p) if args.threshold > 0 else None
+    drawn = render_attention(backbone, picture, cfg.INPUT.MEAN, cfg.INPUT.STD, device=device, threshold=args.threshold,
+                             scale=args.figure_scale)  # the scale enlarges the figure; per-head PNGs keep the size
+    image, maps, masks = drawn["image"], drawn["maps"], drawn["masks"]
     out = os.path.join(cfg.OUTPUT_DIR, os.path.splitext(os.path.basename(path))[0])
     os.makedirs(out, exist_ok=True)
     image.save(os.path.join(out, "img.png"))
@@ -172,10 +166,7 @@ def draw(backbone, picture, path: str, cfg, args, device) -> str:
         colorize(maps[i]).save(os.path.join(out, f"attn-head{i}.png"))
         if masks is not None:
             Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(os.path.join(out, f"mask-head{i}.png"))
-    k = args.figure_scale  # enlarges the figure only; the per-head PNGs stay at the image's size
-    big = image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
-    attention_figure(big, upsample(maps, k), None if masks is None else upsample(masks, k)).save(
-        os.path.join(out, "figure.png"))
+    drawn["figure"].save(os.path.join(out, "figure.png"))
     logger.info("%s: %dx%d, %d heads -> %s", path, *image.size, maps.shape[0], out)
     return out
 

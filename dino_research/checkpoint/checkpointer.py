@@ -24,8 +24,16 @@ import torch
 import torch.nn as nn
 
 from ..utils.errors import UserError
-from .diagnose import (describe_file, fit_problem, is_safetensors, key_list, loader_reason, output_problem,
-                       payload_bytes, write_failure)
+from .diagnose import (
+    describe_file,
+    fit_problem,
+    is_safetensors,
+    key_list,
+    loader_reason,
+    output_problem,
+    payload_bytes,
+    write_failure,
+)
 from .integrity import integrity_problem, with_integrity
 
 logger = logging.getLogger(__name__)
@@ -424,8 +432,8 @@ class Checkpointer:
         if failures:
             raise CheckpointError(
                 f"{self.output_dir} holds checkpoints but none is readable:\n  " + "\n  ".join(failures)
-                + f"\nRefusing to start from scratch over existing work. Restore a good copy, or move these files "
-                f"away (or set another OUTPUT_DIR) to start a new run."
+                + "\nRefusing to start from scratch over existing work. Restore a good copy, or move these files "
+                "away (or set another OUTPUT_DIR) to start a new run."
             )
         return None
 

@@ -369,7 +369,8 @@ def _mb(n_bytes: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Weights that do not fit a module
 # ---------------------------------------------------------------------------------------------------
-def fit_problem(own: dict, state: dict, source: str, what: str, partial: bool, check: str, fix: str = "") -> Optional[str]:
+def fit_problem(own: dict, state: dict, source: str, what: str, partial: bool, check: str,
+                fix: str = "") -> Optional[str]:
     """Why ``state`` (a file's weights) does not fit ``own`` (a module's state dict), or None when it does.
 
     Shapes must always fit, and at least one key must be shared (the message says to ``check`` the

@@ -343,7 +343,8 @@ def check_amp(cfg, device_type: Optional[str] = None) -> None:
                                   f"(MODEL.DEVICE = {cfg.MODEL.DEVICE!r})",
               "set SOLVER.AMP.DTYPE bfloat16 or SOLVER.AMP.ENABLED False")
     p.raise_if_any("configuration unusable on this machine")
-    if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE == "bfloat16" and device == "cpu" and not cpu_has_fast_bfloat16():
+    bf16_on_cpu = cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE == "bfloat16" and device == "cpu"
+    if bf16_on_cpu and not cpu_has_fast_bfloat16():
         # Legal, and numerically fine, but every bf16 matmul is emulated: measured 0.57x float32 on an
         # Intel Xeon without AVX512_BF16/AMX, against 1.67x on a CPU with them (README, Benchmarks).
         logger.warning("SOLVER.AMP.DTYPE = bfloat16 on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): "

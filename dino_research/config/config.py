@@ -63,7 +63,8 @@ class CfgNode(_FvcoreCfgNode):
         if not close:  # a typo in the last component: compare with siblings of the same parent
             leaf = full_key.rsplit(".", 1)[-1]
             close = [k for k in valid if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)][:3]
-        hint = f" Did you mean: {', '.join(close)}?" if close else " See dino_research/config/defaults.py for every key."
+        hint = (f" Did you mean: {', '.join(close)}?" if close
+                else " See dino_research/config/defaults.py for every key.")
         return ConfigError(f"{source}: unknown config key '{full_key}'.{hint}")
 
     def _check_value(self, full_key: str, new: Any, old: Any, source: str) -> None:

@@ -1,8 +1,14 @@
 """Data: registries and builders, then the modules that register augmentations and datasets."""
 
-from .build import (AUGMENTATION_REGISTRY, DATASET_REGISTRY, DatasetError, build_augmentation, build_dataset,
-                    fixed_subset)
 from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
+from .build import (
+                    AUGMENTATION_REGISTRY,
+                    DATASET_REGISTRY,
+                    DatasetError,
+                    build_augmentation,
+                    build_dataset,
+                    fixed_subset,
+)
 from .datasets import UnreadableImageError
 from .eval_transforms import build_eval_transform
 from .loader import PretrainLoader, SeededSampleDataset, build_pretrain_loader, collate_crops

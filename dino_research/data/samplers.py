@@ -17,32 +17,12 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ..utils.seeding import derive_seed
+
 __all__ = ["ResumableDistributedSampler", "derive_seed"]
 
-_MASK64 = (1 << 64) - 1
 # Stream tag mixed into the epoch-order seed, so it never equals a per-sample or per-worker seed.
 _ORDER_STREAM = 0x5A4D504C  # "ZMPL"
-
-
-def _splitmix64(x: int) -> int:
-    """One splitmix64 step (Steele et al. 2014): a bijection of 64-bit ints with full avalanche."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed in ``[0, 2**64)`` that depends on every integer of ``keys`` and on their order.
-
-    Each key is mixed in with a splitmix64 step, so neighbouring inputs (epoch 3 vs 4, sample 10 vs 11)
-    give unrelated seeds, and ``(seed, epoch)`` never collides with ``(seed + 1, epoch - 1)`` as
-    ``seed + epoch`` would. Negative keys are taken modulo ``2**64``. Costs about a microsecond.
-    """
-    h = _splitmix64(len(keys))
-    for key in keys:
-        h = _splitmix64(h ^ _splitmix64(operator.index(key) & _MASK64))
-    return h
 
 
 class ResumableDistributedSampler(Sampler):

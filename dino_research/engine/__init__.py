@@ -8,9 +8,9 @@ from .defaults import (
     resolve_device,
     seed_all,
 )
+from .health import NonFiniteLossError
 from .launch import launch
 from .preemption import TrainingStopped, install_stop_handlers, stop_requested
-from .health import NonFiniteLossError
 from .trainer import DINOTrainer
 
 __all__ = [

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 
 from ..config import CfgNode, check_config, get_cfg
@@ -17,7 +15,8 @@ from ..config.imports import import_components
 from ..utils import comm
 from ..utils.logger import setup_logger
 from ..utils.run_lock import check_output_dir
-from ..utils.slurm import add_slurm_arguments
+from ..utils.seeding import seed_all  # noqa: F401  (re-exported: engine.seed_all)
+from .slurm import add_slurm_arguments
 
 logger = logging.getLogger("dino_research")
 
@@ -89,13 +88,6 @@ def load_config(config_file: str, opts: list) -> CfgNode:
     check_config(cfg)
     cfg.freeze()
     return cfg
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) in this process."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # MODEL.DEVICE's values (resolve_device).

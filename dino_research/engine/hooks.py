@@ -132,8 +132,7 @@ class KNNEvalHook(HookBase):
 
     def evaluate(self, prefix: str = "knn", what: str = "teacher") -> dict:
         """k-NN of the teacher now; scalars ``{prefix}/top1_k{k}`` and ``{prefix}/top5_k{k}``."""
-        from ..evaluation import extract_features_multi, knn_classifier_multi_k
-        from ..evaluation.knn import k_note
+        from ..evaluation.knn import k_note, run_knn
 
         t, cfg = self.trainer, self.trainer.cfg
         if self._datasets is None:
@@ -143,27 +142,19 @@ class KNNEvalHook(HookBase):
         backbones = [t.model.backbone_for_eval()]
         if cfg.TEST.KNN.PIXEL_BASELINE and self._pixel_results is None:
             backbones.append(nn.Flatten(1))
-        (bank, bank_labels), (queries, query_labels) = [
-            extract_features_multi(backbones, ds, batch_size=cfg.TEST.BATCH_SIZE, device=t.device,
-                                   num_workers=cfg.DATALOADER.NUM_WORKERS, progress=False)
-            for ds in self._datasets]
-
-        def knn(i: int) -> dict:
-            if not comm.is_main_process():
-                return {}
-            return knn_classifier_multi_k(bank[i], bank_labels, queries[i], query_labels, cfg.TEST.KNN.K,
-                                          cfg.TEST.KNN.TEMPERATURE, chunk_size=cfg.TEST.KNN.CHUNK_SIZE)
-
-        results = knn(0)
+        outcomes = run_knn(backbones, *self._datasets, ks=cfg.TEST.KNN.K, temperature=cfg.TEST.KNN.TEMPERATURE,
+                           batch_size=cfg.TEST.BATCH_SIZE, device=t.device, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                           chunk_size=cfg.TEST.KNN.CHUNK_SIZE, progress=False)
+        results, bank_size = outcomes[0], len(self._datasets[0])
         new_pixel_results = {}
         if len(backbones) == 2:
-            self._pixel_results = new_pixel_results = knn(1)
+            self._pixel_results = new_pixel_results = outcomes[1]
         if comm.is_main_process():
             for name, res in ((prefix, results), ("knn_pixels", new_pixel_results)):
                 for k, (top1, top5) in res.items():
                     t.storage.put_scalars(**{f"{name}/top1_k{k}": top1, f"{name}/top5_k{k}": top5},
                                           smoothing_hint=False)
-            notes = {k: k_note(k, len(bank_labels)) for k in results}
+            notes = {k: k_note(k, bank_size) for k in results}
             rows = [f"  k={k:<4d} {what} top-1 {r[0]:6.2f}  top-5 {r[1]:6.2f}"
                     + (f"   | raw pixels top-1 {self._pixel_results[k][0]:6.2f}" if self._pixel_results else "")
                     + (f"   ({notes[k]})" if notes[k] else "")
@@ -210,7 +201,7 @@ class AttentionMapHook(HookBase):
     One figure per image (:func:`~dino_research.evaluation.attention.attention_figure`: the image, the
     mean over heads and every head; below, the masks keeping ``threshold`` of the mass) goes to
     TensorBoard as ``attention/image_K`` and to ``OUTPUT_DIR/attention/iter_IIIIIII_image_K.png``.
-    Images are shown at least ``min_side`` pixels wide (small crops are enlarged, maps by repetition).
+    Images are shown at least ``min_side`` pixels wide (small crops are enlarged, pixels repeated).
 
     Args:
         period_epochs: ``TEST.ATTENTION.PERIOD``.
@@ -227,24 +218,18 @@ class AttentionMapHook(HookBase):
 
     def log_maps(self) -> list[str]:
         """Compute, log and save the figures now; returns the PNG paths."""
-        from ..evaluation.attention import attention_figure, last_self_attention_maps, prepare_image
-        from ..evaluation.attention import threshold_masks, upsample
+        from ..evaluation.attention import render_attention
 
         t, cfg = self.trainer, self.trainer.cfg
         backbone = t.model.backbone_for_eval()
-        p = backbone.patch_size
         folder = os.path.join(cfg.OUTPUT_DIR, "attention")
         os.makedirs(folder, exist_ok=True)
         was_training, paths = backbone.training, []
         backbone.eval()
         try:
             for k, picture in enumerate(self.images):
-                image, tensor = prepare_image(picture, p, cfg.INPUT.MEAN, cfg.INPUT.STD)
-                grid = last_self_attention_maps(backbone, tensor.to(t.device))[0].float().cpu()  # (heads, h, w)
-                scale = max(1, -(-self.min_side // min(image.size)))  # ceil: small crops enlarged
-                shown = image.resize((image.size[0] * scale, image.size[1] * scale))
-                masks = upsample(threshold_masks(grid, self.threshold), p * scale)
-                figure = attention_figure(shown, upsample(grid, p * scale), masks)
+                figure = render_attention(backbone, picture, cfg.INPUT.MEAN, cfg.INPUT.STD, device=t.device,
+                                          threshold=self.threshold, min_side=self.min_side)["figure"]
                 t.storage.put_image(f"attention/image_{k}", np.asarray(figure))
                 paths.append(os.path.join(folder, f"iter_{t.iter + 1:07d}_image_{k}.png"))
                 figure.save(paths[-1])

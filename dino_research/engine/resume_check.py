@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import yaml
 
 from ..config import flatten_config

@@ -130,8 +130,8 @@ class SimpleTrainer:
             for hook in self.hooks:
                 hook.before_train()
             try:
-                for self.iter in range(self.start_iter, self.max_iter):
-                    self.storage.iter = self.iter
+                for it in range(self.start_iter, self.max_iter):
+                    self.iter = self.storage.iter = it
                     self.run_step()
                     for hook in self.hooks:
                         hook.after_step()
@@ -201,7 +201,8 @@ class SimpleTrainer:
                 # Every rank takes the same decision, before any collective of the backward pass.
                 loss_value = loss.item()
                 if not finite_on_all_ranks(loss_value, self.world_size, self.device):
-                    fault = f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is non-finite on another rank"
+                    fault = (f"loss is {loss_value}" if not math.isfinite(loss_value)
+                             else "loss is non-finite on another rank")
                     continue
                 # 3. Backward (scaled for float16; averaged over micro-batches).
                 self.scaler.scale(loss / self.accumulate).backward()

@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (
     LAST_CHECKPOINT,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     capture_rng_state,
     load_file,
     load_pretrained,
@@ -38,8 +38,8 @@ from . import hooks as hooks_lib
 from .defaults import resolve_device, seed_all
 from .health import NonFiniteLossError, state_is_finite
 from .preemption import TrainingStopped, stop_requested
-from .simple_trainer import SimpleTrainer
 from .resume_check import check_resume, check_state_shapes, write_run_config
+from .simple_trainer import SimpleTrainer
 
 logger = logging.getLogger("dino_research")
 

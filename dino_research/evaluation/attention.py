@@ -33,6 +33,7 @@ __all__ = [
     "last_self_attention_maps",
     "limit_size",
     "prepare_image",
+    "render_attention",
     "resize_image",
     "threshold_masks",
     "upsample",
@@ -290,3 +291,27 @@ def attention_figure(image: Image.Image, attentions: torch.Tensor, masks: torch.
             figure.paste(strip, (x, y))
             figure.paste(picture, (x, y + label_height))
     return figure
+
+
+@torch.no_grad()
+def render_attention(backbone: nn.Module, picture: Image.Image, mean: Sequence[float], std: Sequence[float], *,
+                     device, threshold: float = 0.6, scale: int = 1, min_side: int = 0) -> dict:
+    """The attention of one image, computed and drawn: what ``tools/visualize_attention.py`` and the
+    training-time ``AttentionMapHook`` both write.
+
+    ``picture`` is used at its size (cropped to a patch multiple, normalized with ``mean``/``std``);
+    pass ``backbone`` in eval mode. Returns ``{"image": the cropped RGB image (W, H), "maps": (heads,
+    H, W) float32 pixel maps, "masks": (heads, H, W) bool keeping ``threshold`` of each map's mass, or
+    None when ``threshold`` is 0, "figure": attention_figure of them}``. The figure's panels are
+    enlarged ``scale`` times, or more to reach ``min_side`` pixels (small images such as 28-pixel
+    Fashion-MNIST), pixels repeated so a panel shows exactly what each patch covered.
+    """
+    p = backbone.patch_size
+    image, tensor = prepare_image(picture, p, mean, std)
+    grid = last_self_attention_maps(backbone, tensor.to(device))[0].float().cpu()  # (heads, h, w)
+    maps = upsample(grid, p)
+    masks = upsample(threshold_masks(grid, threshold), p) if threshold > 0 else None
+    k = max(scale, -(-min_side // min(image.size)) if min_side else 1)
+    shown = image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
+    figure = attention_figure(shown, upsample(maps, k), None if masks is None else upsample(masks, k))
+    return {"image": image, "maps": maps, "masks": masks, "figure": figure}

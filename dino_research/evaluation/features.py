@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..checkpoint import atomic_save, load_file
 from ..utils import comm
 
-__all__ = ["FEATURES_FORMAT", "load_feature_file", "save_feature_file", "extract", "extract_features", "extract_features_multi", "load_features", "save_features", "shard_indices"]
+__all__ = ["FEATURES_FORMAT", "extract", "extract_features", "extract_features_multi", "load_feature_file",
+           "load_features", "save_feature_file", "save_features", "shard_indices"]
 
 logger = logging.getLogger("dino_research")
 

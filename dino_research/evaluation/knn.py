@@ -177,3 +177,32 @@ def _validate(train_features, train_labels, test_features, test_labels, ks, T, n
     elif num_classes <= high:
         raise ValueError(f"num_classes = {num_classes} but a label is {high}")
     return n_train, n_test, int(num_classes)
+
+
+def knn_features(backbones, bank, queries, *, batch_size: int, device, num_workers: int = 0,
+                 progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``[(bank_features, bank_labels, query_features, query_labels) for each backbone]``: the
+    L2-normalized features of the two datasets, each read once for every backbone (collective; see
+    ``features.extract_features_multi``)."""
+    from .features import extract_features_multi
+
+    (bank_feats, bank_labels), (query_feats, query_labels) = [
+        extract_features_multi(backbones, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                               progress=progress)
+        for dataset in (bank, queries)]
+    return [(b, bank_labels, q, query_labels) for b, q in zip(bank_feats, query_feats)]
+
+
+def run_knn(backbones, bank, queries, *, ks: Sequence[int], temperature: float, batch_size: int, device,
+            num_workers: int = 0, chunk_size: int = 256, progress: bool = True) -> list[dict[int, tuple[float, float]]]:
+    """The paper's weighted k-NN of every backbone on (memory bank, queries) datasets: one results dict
+    per backbone, ``{k: (top1, top5)}`` on the main process (``{}`` on the others). The k-NN hook
+    during training and ``tools/eval_knn.py`` both run it."""
+    from ..utils import comm
+
+    out = []
+    for bank_f, bank_l, query_f, query_l in knn_features(backbones, bank, queries, batch_size=batch_size,
+                                                         device=device, num_workers=num_workers, progress=progress):
+        out.append(knn_classifier_multi_k(bank_f.to(device), bank_l, query_f, query_l, ks, temperature,
+                                          chunk_size=chunk_size) if comm.is_main_process() else {})
+    return out

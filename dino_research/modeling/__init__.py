@@ -3,6 +3,7 @@
 ``build.py`` is imported first so the registries exist when the component modules register.
 """
 
+from . import backbones, ema, heads, losses, meta_arch, small_resnet  # noqa: F401  (registration on import)
 from .build import (
     BACKBONE_REGISTRY,
     EMA_REGISTRY,
@@ -15,7 +16,6 @@ from .build import (
     build_loss,
     build_model,
 )
-from . import backbones, ema, heads, losses, meta_arch, small_resnet  # noqa: F401  (registration on import)
 
 __all__ = [
     "BACKBONE_REGISTRY",

@@ -257,19 +257,22 @@ def _vit(cfg, drop_path_rate: float, embed_dim: int, num_heads: int) -> DINOVisi
 
 @BACKBONE_REGISTRY.register()
 def vit_tiny(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Tiny/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=192, 12 blocks (MODEL.BACKBONE.DEPTH), 3 heads (5.5M parameters)."""
+    """ViT-Tiny/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=192, 12 blocks (MODEL.BACKBONE.DEPTH), 3 heads
+    (5.5M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=192, num_heads=3)
 
 
 @BACKBONE_REGISTRY.register()
 def vit_small(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Small/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=384, 12 blocks (MODEL.BACKBONE.DEPTH), 6 heads (21M parameters)."""
+    """ViT-Small/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=384, 12 blocks (MODEL.BACKBONE.DEPTH), 6 heads
+    (21M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=384, num_heads=6)
 
 
 @BACKBONE_REGISTRY.register()
 def vit_base(cfg, drop_path_rate: float) -> DINOVisionTransformer:
-    """ViT-Base/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=768, 12 blocks (MODEL.BACKBONE.DEPTH), 12 heads (85M parameters)."""
+    """ViT-Base/p, p = ``MODEL.BACKBONE.PATCH_SIZE``: D=768, 12 blocks (MODEL.BACKBONE.DEPTH), 12 heads
+    (85M parameters)."""
     return _vit(cfg, drop_path_rate, embed_dim=768, num_heads=12)
 
 

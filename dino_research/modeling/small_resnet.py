@@ -86,7 +86,8 @@ class CifarResNet(nn.Module):
         if width < 1:
             raise ValueError(f"cifar_resnet width must be >= 1, got {width}")
         block, counts = DEPTHS[depth]
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         stages, cin = [], width
         for i, (count, stride) in enumerate(zip(counts, (1, 2, 2, 2))):
             blocks = []

@@ -1,6 +1,7 @@
 """Solver: schedule shapes (SCHEDULER_REGISTRY), a project's extra schedules (EXTRA_SCHEDULE_REGISTRY),
 optimizers with DINO's parameter groups."""
 
+from . import schedules  # noqa: F401  (registration on import)
 from .build import (
     EXTRA_SCHEDULE_REGISTRY,
     SCHEDULER_REGISTRY,
@@ -12,7 +13,6 @@ from .build import (
     scaled_lr,
     total_batch_size,
 )
-from . import schedules  # noqa: F401  (registration on import)
 from .lars import LARS
 
 __all__ = [

@@ -178,7 +178,8 @@ class iBOT(DINO):
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         head = self.student.head
-        params = {id(p): p for layer in (head.last_layer, head.last_layer2) for p in layer.parameters() if p.requires_grad}
+        layers = (head.last_layer, head.last_layer2)  # the same layer twice when shared
+        params = {id(p): p for layer in layers for p in layer.parameters() if p.requires_grad}
         return list(params.values())
 
 

@@ -112,7 +112,8 @@ class iBOTMultiCrop:
     def __init__(self, *, crops: DINOMultiCrop, patch_size: int, global_crop_size: int, probability: float,
                  ratio: tuple[float, float], aspect: tuple[float, float]):
         if global_crop_size % patch_size:
-            raise ValueError(f"INPUT.GLOBAL_CROP_SIZE {global_crop_size} is not a multiple of the patch size {patch_size}")
+            raise ValueError(f"INPUT.GLOBAL_CROP_SIZE {global_crop_size} is not a multiple of the patch size "
+                             f"{patch_size}")
         if not 0.0 <= probability <= 1.0 or not 0.0 <= ratio[0] <= ratio[1] <= 1.0:
             raise ValueError(f"IBOT.MASK_PROBABILITY must be in [0, 1] and IBOT.MASK_RATIO a range within [0, 1]; "
                              f"got {probability} and {ratio}")

@@ -10,8 +10,13 @@ from PIL import Image
 from dino_research.config import ConfigError
 from dino_research.engine import load_config
 from dino_research.engine.hooks import attention_images
-from dino_research.evaluation.attention import attention_figure, last_self_attention_maps, prepare_image
-from dino_research.evaluation.attention import threshold_masks, upsample
+from dino_research.evaluation.attention import (
+    attention_figure,
+    last_self_attention_maps,
+    prepare_image,
+    threshold_masks,
+    upsample,
+)
 from dino_research.utils.events import EventStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,8 +33,9 @@ def test_teacher_attention_maps_go_to_tensorboard_and_png(tmp_path):
     # The last figure is the final teacher's maps of the fixed image, drawn at 4x (32 px -> 128 px).
     image = attention_images(trainer.cfg)[1]
     _, tensor = prepare_image(image, 16, trainer.cfg.INPUT.MEAN, trainer.cfg.INPUT.STD)
-    grid = last_self_attention_maps(trainer.model.teacher.backbone.eval(), tensor)[0]
-    expected = attention_figure(image.resize((128, 128)), upsample(grid, 64), upsample(threshold_masks(grid, 0.6), 64))
+    grid = last_self_attention_maps(trainer.model.backbone_for_eval().eval(), tensor)[0]
+    expected = attention_figure(image.resize((128, 128), Image.NEAREST), upsample(grid, 64),
+                                upsample(threshold_masks(grid, 0.6), 64))
     got = Image.open(tmp_path / "attention" / "iter_0000008_image_1.png")
     assert got.size == expected.size == (4 + 5 * 132, 4 + 2 * (14 + 128 + 4))  # image, mean, 3 heads; 2 rows
     assert np.array_equal(np.asarray(got), np.asarray(expected))

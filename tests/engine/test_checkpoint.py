@@ -157,7 +157,7 @@ def test_write_failures_are_diagnosed_whatever_the_exception_type():
         try:
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
         except OSError:
-            raise unexpected_pos
+            raise unexpected_pos  # noqa: B904 (the implicit context is what the test needs)
     except RuntimeError as e:
         assert write_failure(e, 5 * mb, 10 * mb, free=100 * 2**30)[0] == os.strerror(errno.EDQUOT)
     reason, fix = write_failure(OSError(errno.EFBIG, "File too large"), 4 * 2**30, 5 * 2**30, free=100 * 2**30)

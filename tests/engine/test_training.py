@@ -1,7 +1,6 @@
 """The trainer end to end on CPU: outputs, exact resume, DDP equivalence, official-format export."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tool_utils import load_tool
 
 from dino_research.checkpoint import Checkpointer
 from dino_research.data import build_dataset, build_eval_transform
@@ -17,8 +18,6 @@ from dino_research.evaluation.features import extract_features, load_features
 from dino_research.evaluation.knn import knn_classifier_multi_k
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
-
-from tool_utils import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 

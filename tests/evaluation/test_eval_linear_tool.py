@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_utils import load_tool
 
 from dino_research.checkpoint import Checkpointer, load_file
 from dino_research.data import build_dataset, build_eval_transform
@@ -16,8 +17,6 @@ from dino_research.evaluation.linear import LINEAR_CHECKPOINT, block_features
 from dino_research.evaluation.linear_fast import FAST_CLASSIFIER
 from dino_research.evaluation.weights import load_backbone
 from dino_research.modeling import build_model
-
-from tool_utils import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tool_utils import load_tool
 
 from dino_research.checkpoint import Checkpointer
 from dino_research.modeling import build_model
-
-from tool_utils import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = str(REPO / "tools" / "visualize_attention.py")

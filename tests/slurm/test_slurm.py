@@ -6,7 +6,6 @@ only where `sbatch` is absent.
 """
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import torch
 
 from dino_research.checkpoint import LAST_CHECKPOINT, load_file
 from dino_research.engine import default_argument_parser
-from dino_research.utils.slurm import parse_sweep, read_status, run_name, wait_for
+from dino_research.engine.slurm import parse_sweep, read_status, run_name, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "engine"))

@@ -72,6 +72,6 @@ def test_warnings_are_logged_not_hidden(tmp_path, capsys, fresh_logger):
     setup_logger(str(tmp_path), name=fresh_logger)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("deprecated thing", UserWarning)
+        warnings.warn("deprecated thing", UserWarning, stacklevel=1)
     assert "deprecated thing" in capsys.readouterr().out
     assert "deprecated thing" in (tmp_path / "log.txt").read_text()

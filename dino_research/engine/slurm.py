@@ -138,8 +138,8 @@ class SlurmJob:
     def __call__(self):
         import submitit
 
-        from ..engine.launch import launch
-        from ..engine.preemption import REQUEUE_SIGNALS, stop_requested
+        from .launch import launch
+        from .preemption import REQUEUE_SIGNALS, stop_requested
 
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -268,9 +268,9 @@ def main_or_submit(main: Callable, args: argparse.Namespace, launch_kwargs: Opti
     """
     from torch.multiprocessing import ProcessExitedException
 
-    from ..engine.defaults import load_config
-    from ..engine.launch import launch
-    from .errors import DEBUG_ENV, USER_ERROR_EXIT, report_user_errors
+    from ..utils.errors import DEBUG_ENV, USER_ERROR_EXIT, report_user_errors
+    from .defaults import load_config
+    from .launch import launch
 
     if getattr(args, "debug", False):
         os.environ[DEBUG_ENV] = "1"  # inherited by spawned workers
