@@ -125,6 +125,9 @@ def plot_training_curves(run_dir: str, out: Optional[str] = None,
     curves = [(title, names) for title, names in curves if names]
     if not curves:
         raise ValueError(f"{run_dir}/metrics.json holds none of the plotted metrics")
+    # One iteration range on every panel: a run's single k-NN point sits at the end of the run,
+    # not alone in the middle of an axis of its own.
+    last = max(it for series in metrics.values() for it, _ in series)
     plt, fig, axes = _figure(len(curves))
     for ax, (title, names) in zip(axes, curves):
         for name in names:
@@ -140,6 +143,7 @@ def plot_training_curves(run_dir: str, out: Optional[str] = None,
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        ax.set_xlim(0, max(last, 1) * 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
