@@ -33,6 +33,15 @@ foreground of N images spread over TEST.DATASET at TEST.VAL_ROOT (evaluation cro
 black background such as Fashion-MNIST (foreground: pixels above ``--foreground-threshold``). Logs
 the per-head table, the best head and the mean over heads, and writes OUTPUT/attention_jaccard.json.
 ``--random-init`` scores the config's backbone at the initialization a run with this SEED starts from.
+
+    python tools/visualize_attention.py --weights FILE --video FILE_OR_FRAME_DIR [--per-head] [--fps 30]
+        [--video-format auto|mp4|gif|frames] [--threshold 0.6] [--image-size H [W]] [--max-size 1024]
+
+draws a clip instead (``dino_research.evaluation.attention_video``): for every frame (a folder's images
+sorted by name, or a video file decoded with PyAV) OUTPUT/<clip name>/attention/NAME.png (mean over
+heads, or every head side by side with ``--per-head``) and masks/NAME.png (the frame darkened outside
+the mask keeping ``--threshold`` of the attention), then attention.mp4 and masks.mp4 (PyAV), or .gif
+(Pillow) when PyAV is missing; ``--video-format frames`` keeps only the frame folders.
 """
 
 import json
@@ -51,6 +60,7 @@ from dino_research.evaluation.attention import (
     render_attention,
     resize_image,
 )
+from dino_research.evaluation.attention_video import VIDEO_FORMATS, write_attention_video
 from dino_research.evaluation.segmentation import attention_jaccard_of_images
 from dino_research.modeling import build_model
 from dino_research.utils.errors import report_user_errors
@@ -98,6 +108,9 @@ def main(args) -> None:
     if args.jaccard:
         jaccard_report(cfg, args, backbone, device)
         return
+    if args.video:
+        video_report(cfg, args, backbone, device)
+        return
     paths = image_paths(args.image)
     skipped = []  # (path, reason)
     for path in paths:
@@ -143,6 +156,22 @@ def jaccard_report(cfg, args, backbone, device) -> dict:
     return summary
 
 
+def video_report(cfg, args, backbone, device) -> dict:
+    """The attention frames and videos of the clip ``--video``, in OUTPUT/<clip name>/."""
+    out = os.path.join(cfg.OUTPUT_DIR, os.path.splitext(os.path.basename(os.path.normpath(args.video)))[0])
+    result = write_attention_video(backbone, args.video, out, mean=cfg.INPUT.MEAN, std=cfg.INPUT.STD, device=device,
+                                   threshold=args.threshold, per_head=args.per_head, size=args.image_size,
+                                   max_size=args.max_size, fps=args.fps, video_format=args.video_format)
+    if not result["frames"]:
+        raise SystemExit(f"--video {args.video}: no frame decoded")
+    videos = [v for v in result["videos"].values() if v]
+    logger.info("%s: %d frames of %dx%d -> %s; %s", args.video, result["frames"], *result["size"],
+                ", ".join(result["folders"].values()),
+                f"videos at {result['fps']:g} fps: {', '.join(videos)}" if videos
+                else "no video assembled (see above; the frame folders are complete)")
+    return result
+
+
 def sized_image(image, path: str, args):
     """``image`` resized by ``--image-size``, then capped by ``--max-size``, logging the cap when it acts."""
     sized = resize_image(image, args.image_size)
@@ -174,6 +203,13 @@ def draw(backbone, picture, path: str, cfg, args, device) -> str:
 def argument_parser():
     parser = eval_argument_parser(__doc__)
     parser.add_argument("--image", default="", metavar="PATH_OR_FOLDER", help="an image, or a folder of images")
+    parser.add_argument("--video", default="", metavar="FILE_OR_FRAME_DIR",
+                        help="a clip: a folder of frames, or a video file (needs PyAV)")
+    parser.add_argument("--per-head", action="store_true", help="--video: every head side by side, not their mean")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="--video: frame rate of the videos (default: the file's, else 30)")
+    parser.add_argument("--video-format", default="auto", choices=VIDEO_FORMATS,
+                        help="--video: auto (mp4 through PyAV, else gif), mp4, gif, or frames (folders only)")
     parser.add_argument("--jaccard", type=int, default=0, metavar="N",
                         help="instead of drawing, measure the attention Jaccard on N test images (see above)")
     parser.add_argument("--foreground-threshold", type=float, default=0.05,
@@ -205,8 +241,13 @@ def parse_args(argv=None):
         args.image_size, args.opts = [int(v) for v in args.image_size[:n]], args.image_size[n:] + list(args.opts)
         if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
             parser.error("--image-size takes H W, or one int for the shorter side (positive integers)")
-    if not args.image and not args.jaccard:
-        parser.error("give --image PATH_OR_FOLDER to draw maps, or --jaccard N to measure them")
+    if not args.image and not args.jaccard and not args.video:
+        parser.error("give --image PATH_OR_FOLDER to draw maps, --video FILE_OR_FRAME_DIR to draw a clip, or "
+                     "--jaccard N to measure them")
+    if args.image and args.video:
+        parser.error("--image and --video draw different things: give one")
+    if args.fps is not None and args.fps <= 0:
+        parser.error(f"--fps must be positive, got {args.fps}")
     if args.random_init and args.weights:
         parser.error("--random-init takes no --weights")
     if args.max_size < 0:

@@ -240,7 +240,7 @@ def colorize(map2d) -> Image.Image:
     return Image.fromarray(_VIRIDIS[np.rint(unit * 255).astype(np.int64)])  # (H, W, 3) uint8: RGB
 
 
-def _mask_overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
+def mask_overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
     """``image`` with the pixels outside ``mask`` (H, W bool) darkened to 25% brightness."""
     pixels = np.asarray(image, dtype=np.float64)
     pixels = np.where(mask[..., None], pixels, pixels * 0.25)
@@ -276,8 +276,8 @@ def attention_figure(image: Image.Image, attentions: torch.Tensor, masks: torch.
             + [(f"head {i}", colorize(attentions[i])) for i in range(heads)]]
     if masks is not None:
         masks = masks.detach().cpu().bool().numpy()
-        rows.append([("any head", _mask_overlay(image, masks.any(0))), None]
-                    + [(f"mask {i}", _mask_overlay(image, masks[i])) for i in range(heads)])
+        rows.append([("any head", mask_overlay(image, masks.any(0))), None]
+                    + [(f"mask {i}", mask_overlay(image, masks[i])) for i in range(heads)])
     cell_w, cell_h = W + pad, label_height + H + pad
     figure = Image.new("RGB", (pad + (2 + heads) * cell_w, pad + len(rows) * cell_h), "white")
     for r, row in enumerate(rows):
