@@ -146,13 +146,21 @@ _C.INPUT.EXIF_TRANSPOSE = True
 # Datasets and loading
 # ---------------------------------------------------------------------------------------------------
 _C.DATASETS = CN()
-# DATASET_REGISTRY name of the pretraining set (labels, if any, are ignored by DINO).
+# DATASET_REGISTRY name of the pretraining set (labels, if any, are ignored by DINO): ImageFolder
+# (root/<class>/...), UnlabeledFolder (every image under the root, any layout: one's own photos),
+# FileList (a text file of paths), FashionMNIST, Synthetic.
 _C.DATASETS.TRAIN = "ImageFolder"
 # Root of the pretraining set (local path or iopath URI), read by TRAIN's builder.
 _C.DATASETS.TRAIN_ROOT = "datasets/imagenet/train"
 # Pretrain on a fixed random subset of this many images of DATASETS.TRAIN (drawn from SEED: the same
 # on every rank and after a resume); 0: all. For quick runs and data-efficiency studies.
 _C.DATASETS.TRAIN_SUBSET = 0
+# UnlabeledFolder (every image under DATASETS.TRAIN_ROOT, any layout, label -1) caches its listing in
+# OUTPUT_DIR/file_list_<hash of the root>.txt, so a restart does not walk millions of files again and
+# sees the same images in the same order. The cache is rebuilt when it is missing, lists another root,
+# or was made with another value of this counter: raise it (0 -> 1) to pick up images added or removed
+# since. A recipe key on resume (tools/train_net.py --allow-config-change): a new listing is a new dataset.
+_C.DATASETS.REFRESH_FILE_LIST = 0
 # Number of images of the "Synthetic" dataset (tests and smoke runs; no file is read).
 _C.DATASETS.SYNTHETIC_SIZE = 64
 # Side in pixels of the "Synthetic" dataset's images.

@@ -1,6 +1,6 @@
 """Data: registries and builders, then the modules that register augmentations and datasets."""
 
-from . import augmentations, datasets, fashion_mnist  # noqa: F401  (registration on import)
+from . import augmentations, datasets, fashion_mnist, unlabeled  # noqa: F401  (registration on import)
 from .build import (
                     AUGMENTATION_REGISTRY,
                     DATASET_REGISTRY,

@@ -1,4 +1,5 @@
-"""Datasets registered in ``DATASET_REGISTRY``: ImageFolder, FileList and Synthetic.
+"""Datasets registered in ``DATASET_REGISTRY``: ImageFolder, FileList and Synthetic (UnlabeledFolder, any
+folder layout without labels, lives in ``unlabeled.py``).
 
 Every dataset yields ``(transform(image), label)`` with ``image`` an RGB ``PIL.Image`` and ``label`` an
 int (-1 where there is none). Files are read through iopath's ``g_pathmgr``, so ``root`` may be a local
@@ -100,7 +101,9 @@ class ImageFolder(Dataset):
             loose = sum(is_image_name(n) for n in names)
             raise DatasetError(
                 f"ImageFolder: root {root!r} has no class sub-folders ({loose} image files lie directly "
-                f"inside); {expected}. Move the images into root/<class>/, or list them with FileList."
+                f"inside); {expected}. Move the images into root/<class>/, list them with FileList, or, to "
+                f"pretrain on them without labels in any layout, use UnlabeledFolder (DATASETS.TRAIN "
+                f"UnlabeledFolder)."
             )
         classes = list(folders if classes is None else classes)
         if len(set(classes)) != len(classes):

@@ -30,7 +30,7 @@ from PIL import Image
 from ..data.folders import is_image_name
 from ..data.images import load_image
 from ..utils.errors import UserError
-from .attention import mask_overlay, colorize, last_self_attention_maps, prepare_image, threshold_masks, upsample
+from .attention import colorize, last_self_attention_maps, mask_overlay, prepare_image, threshold_masks, upsample
 
 __all__ = ["DEFAULT_FPS", "VIDEO_FORMATS", "attention_frame", "read_clip", "write_attention_video", "write_video"]
 

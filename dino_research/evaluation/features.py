@@ -54,10 +54,11 @@ def shard_indices(num_items: int, rank: int, world_size: int, pad: bool = True) 
 
 
 class _Progress:
-    """A tqdm bar on an interactive terminal; otherwise one log line per ~10% (no spam in log files)."""
+    """A tqdm bar on an interactive terminal; otherwise one log line per ~10% (no spam in log files).
+    ``unit`` and ``units`` name what is counted (the resumable extraction counts chunks)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "batch", units: str = "batches"):
+        self.total, self.desc, self.done, self.units = total, desc, 0, units
         self.enabled = enabled and total > 0
         self.bar = None
         self.next_log = 0.1
@@ -68,7 +69,7 @@ class _Progress:
             except ImportError:  # a plain log then
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+                self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
     def update(self) -> None:
         self.done += 1
@@ -81,8 +82,8 @@ class _Progress:
         if fraction + 1e-9 >= self.next_log or self.done == self.total:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            logger.info("%s: %d/%d batches (%d%%), %.0fs elapsed, eta %.0fs",
-                        self.desc, self.done, self.total, round(100 * fraction), elapsed, eta)
+            logger.info("%s: %d/%d %s (%d%%), %.0fs elapsed, eta %.0fs", self.desc, self.done, self.total,
+                        self.units, round(100 * fraction), elapsed, eta)
             while self.next_log <= fraction + 1e-9:
                 self.next_log += 0.1
 

@@ -47,6 +47,13 @@ def load_backbone(cfg: CfgNode, weights: str = "", checkpoint_key: str = "teache
     Returns the backbone in eval mode on the CPU. Raises :class:`CheckpointError` when the file does
     not fit (shapes, missing or unexpected keys).
     """
+    return load_backbone_and_config(cfg, weights, checkpoint_key)[0]
+
+
+def load_backbone_and_config(cfg: CfgNode, weights: str = "", checkpoint_key: str = "teacher") -> tuple:
+    """:func:`load_backbone`, and the config it was built from: ``cfg`` with the ``MODEL.BACKBONE`` of
+    the checkpoint when the file stores one (:func:`config_from_checkpoint`), for callers that need the
+    architecture's name (the export tool, the hub)."""
     weights = weights or cfg.MODEL.WEIGHTS
     if checkpoint_key not in ("teacher", "student"):
         raise ValueError(f"checkpoint key must be 'teacher' or 'student', got {checkpoint_key!r}")
@@ -66,4 +73,4 @@ def load_backbone(cfg: CfgNode, weights: str = "", checkpoint_key: str = "teache
         )
     else:
         logger.warning("evaluating timm model %s with random weights (no file given)", cfg.MODEL.BACKBONE.TIMM_MODEL)
-    return backbone.eval()
+    return backbone.eval(), cfg

@@ -24,6 +24,7 @@ from torchvision import models as tv_models
 
 from ..config.checks import check_value, declare_batchnorm_backbone
 from .build import BACKBONE_REGISTRY
+from .pos_embed import exporting, resize_pos_embed_traceable
 
 __all__ = ["DINOVisionTransformer", "vit_tiny", "vit_small", "vit_base", "resnet50", "timm"]
 
@@ -148,8 +149,15 @@ class DINOVisionTransformer(VisionTransformer):
         from landing on h - 1; passing a scale (not a size) matters for the values too, because
         PyTorch then maps output to input coordinates with that scale. Official checkpoints were
         trained with these values, so a ``size=`` or antialiased resize (timm's default) would feed
-        them slightly shifted positions. The class-token entry is never resized.
+        them slightly shifted positions. The class-token entry is never resized. While the model is
+        being exported (``torch.export``, ONNX) the same values come from
+        :func:`~dino_research.modeling.pos_embed.resize_pos_embed_traceable`, so the graph keeps a
+        dynamic image size.
         """
+        if exporting():
+            # torch.export (ONNX) would freeze the branch below and the resize at the example's size;
+            # the same values as tensor arithmetic keep an exported graph valid at every size.
+            return resize_pos_embed_traceable(self.pos_embed, h, w)
         num_patches = self.pos_embed.shape[1] - 1
         side = int(math.sqrt(num_patches))
         assert side * side == num_patches, f"pos_embed holds {num_patches} patches, not a square grid"
