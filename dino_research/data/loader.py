@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
 import random
+import signal
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -231,6 +234,25 @@ def _init_worker(worker_id: int, *, seed: int, rank: int) -> None:
     own seed by :class:`SeededSampleDataset`; this makes whatever draws outside it (e.g. a collate
     function) deterministic too."""
     seed_global_generators(derive_seed(_WORKER_STREAM, seed, rank, worker_id))
+    # The stop signals are the main process's to handle (engine/preemption.py: finish the step,
+    # checkpoint, exit). `scancel`, `timeout` and Ctrl-C signal the whole process group: a worker
+    # that died of that SIGTERM would fail the main process's next batch ("DataLoader worker killed
+    # by signal") before it could checkpoint. So a worker keeps serving batches for a grace period;
+    # the main process shuts it down normally long before (PretrainLoader.close), and the grace only
+    # bounds how long a worker nobody shut down outlives the signal.
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(stop, _exit_after_grace)
+
+
+# Seconds a data-loader worker keeps working after a stop signal (see _init_worker): longer than a
+# training step plus its data wait, so the step in flight when the signal came gets its batches.
+WORKER_STOP_GRACE_S = 60.0
+
+
+def _exit_after_grace(signum, frame) -> None:
+    timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
 
 
 class PretrainLoader:
@@ -338,7 +360,8 @@ class PretrainLoader:
             "seed": cfg.SEED,
             "num_workers": cfg.DATALOADER.NUM_WORKERS,
             "batches_per_epoch": batches_per_epoch,
-            "pin_memory": torch.cuda.is_available(),
+            # Pinned memory only helps copies to a GPU: not for a CPU run on a machine that has one.
+            "pin_memory": torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu",
             "strict": cfg.DATALOADER.STRICT,
         }
 
@@ -354,6 +377,15 @@ class PretrainLoader:
         return self._batches(start_batch, self._generation)
 
     def _batches(self, start_batch: int, generation: int):
+        try:
+            yield from self._batches_of_epochs(start_batch, generation)
+        finally:
+            # The current iterator closed (the trainer's end, a failure, open_data again): its
+            # persistent workers go with it, not at interpreter exit. A superseded one leaves them.
+            if generation == self._generation:
+                self.close()
+
+    def _batches_of_epochs(self, start_batch: int, generation: int):
         epoch, position = divmod(start_batch, self.batches_per_epoch)
         while True:
             # The sampler stops at the last used sample: workers never prefetch a batch that is dropped.
@@ -396,6 +428,10 @@ class PretrainLoader:
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            for worker in getattr(iterator, "_workers", []):  # one that did not stop in DataLoader's 5 s
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
 
     def __repr__(self) -> str:
         return (

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import TINY  # noqa: E402
 
 
-def _command(out, num_gpus=1):
+def _command(out, num_gpus=1, workers=0):
     return [sys.executable, str(REPO / "tools" / "train_net.py"), "--num-gpus", str(num_gpus), *TINY,
             "SOLVER.EPOCHS", "6", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.SNAPSHOT_EPOCHS", "0",
-            "LOG_PERIOD", "1", "OUTPUT_DIR", str(out)]
+            "LOG_PERIOD", "1", "DATALOADER.NUM_WORKERS", str(workers), "OUTPUT_DIR", str(out)]
 
 
 def _wait_for_iterations(out, n, proc, timeout=120):
@@ -35,12 +35,16 @@ def _wait_for_iterations(out, n, proc, timeout=120):
     raise TimeoutError("training did not start")
 
 
-@pytest.mark.parametrize("signum,num_gpus", [(signal.SIGTERM, 1), (signal.SIGINT, 2)], ids=["SIGTERM-1proc", "SIGINT-2proc"])
-def test_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path, signum, num_gpus):
-    full = subprocess.run(_command(tmp_path / "full", num_gpus), capture_output=True, text=True, timeout=300)
+# The loader-workers case: the group's SIGTERM reaches the data-loader workers too; they must leave
+# it to the main process (which checkpoints) instead of dying and failing its next batch.
+@pytest.mark.parametrize("signum,num_gpus,workers", [(signal.SIGTERM, 1, 0), (signal.SIGINT, 2, 0), (signal.SIGTERM, 1, 2)],
+                         ids=["SIGTERM-1proc", "SIGINT-2proc", "SIGTERM-1proc-2workers"])
+def test_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path, signum, num_gpus, workers):
+    full = subprocess.run(_command(tmp_path / "full", num_gpus, workers), capture_output=True, text=True,
+                          timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_command(out, num_gpus), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(_command(out, num_gpus, workers), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     _wait_for_iterations(out, 3, proc)
     os.killpg(proc.pid, signum)  # the whole process group, as a terminal or a scheduler would
@@ -50,7 +54,7 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path, signum, 
     done = max(json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()) + 1
     assert 3 <= stopped_at < 24 and stopped_at == done  # nothing lost: the checkpoint is the last iteration
     assert f"stopped by {signal.Signals(signum).name}" in (out / "log.txt").read_text()
-    resumed = subprocess.run(_command(out, num_gpus), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_command(out, num_gpus, workers), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = load_file(str(tmp_path / "full" / LAST_CHECKPOINT))["model"]
     got = load_file(str(out / LAST_CHECKPOINT))["model"]
