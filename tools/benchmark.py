@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmarks of dino_research, printed as Markdown tables.
 
-    python tools/benchmark.py [--only SECTION] [--iterations 40] [--repeats 7] [--training-iters 5] [--quick]
+    python tools/benchmark.py [--only SECTION] [--iterations 40] [--repeats 7] [--training-iters 5]
+                              [--loader-workers 1 2 ...] [--loader-batches 32] [--quick]
 
 Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
 
@@ -12,6 +13,13 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
   the same run: the two alternate, block by block, from the same seeds, so they draw the same crops,
   flips, jitters and blurs and share whatever load the machine has. Reported: the median over
   ``--repeats`` blocks of ``--iterations`` images; the speedup is the median of the per-block ratios.
+
+- ``loader``: the whole pretraining data loader (``PretrainLoader``: per-sample seeding, the same
+  multi-crop augmentation, collation into batches of ``--loader-batch-size``, transfer from the
+  worker processes, pinned memory when CUDA is available) over the same image, in images/s for each
+  number of workers in ``--loader-workers`` (default 1, 2, 4, ... up to the machine's CPU count).
+  Timed: ``--loader-batches`` batches after the first ``max(1, workers)`` (worker start-up and the
+  first prefetch are excluded).
 
 - ``training``: the DINO training step of ViT-S/16 (2x224 + 8x96 crops, batch 8) in float32 and
   bfloat16 autocast, images/s and model FLOP utilization: ``tools/bench_training.py`` (its docstring
@@ -42,6 +50,7 @@ from torchvision import transforms as T
 
 from dino_research.config import get_cfg
 from dino_research.data.augmentations import DINOMultiCrop
+from dino_research.data.loader import PretrainLoader
 
 
 # ------------------------------------------------------------------------------ machine
@@ -170,6 +179,73 @@ def augmentation_section(args) -> None:
     print(f"\nTarget: >= 1.5x the plain pipeline per worker; measured {rows[-1]['speedup']:.2f}x.\n")
 
 
+# ------------------------------------------------------------------------------ data loader
+class _SameImage(torch.utils.data.Dataset):
+    """``num_images`` items ``(transform(image), 0)``, all of the same PIL image (no file is read)."""
+
+    def __init__(self, image: Image.Image, num_images: int, transform):
+        self.image, self.num_images, self.transform = image, num_images, transform
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        return self.transform(self.image), 0
+
+
+def bench_loader(workers: list[int], batches: int, batch_size: int) -> list[dict]:
+    """Images/s of :class:`PretrainLoader` with the paper's multi-crop augmentation, per worker count.
+
+    Each worker count gets its own loader; the first ``max(1, w)`` batches (worker start-up, first
+    prefetch) are not timed, the next ``batches`` are. Returns one row per count:
+    ``{"workers", "images_per_s", "ms_per_batch", "speedup"}`` (speedup against the first count).
+    """
+    image, augment = benchmark_image(), DINOMultiCrop(get_cfg())
+    pin = torch.cuda.is_available()
+    rows = []
+    for w in workers:
+        skip = max(1, w)
+        dataset = _SameImage(image, (skip + batches) * batch_size, augment)
+        loader = PretrainLoader(dataset, batch_size=batch_size, num_workers=w, pin_memory=pin, seed=0)
+        stream = loader.iterate(0)
+        try:
+            for _ in range(skip):
+                next(stream)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(stream)
+            seconds = time.perf_counter() - start
+        finally:
+            loader.close()
+        rows.append({"workers": w, "images_per_s": batches * batch_size / seconds,
+                     "ms_per_batch": 1e3 * seconds / batches})
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def default_loader_workers() -> list[int]:
+    """1, 2, 4, ... up to the CPU count (included)."""
+    cpus, out = os.cpu_count() or 1, [1]
+    while out[-1] * 2 < cpus:
+        out.append(out[-1] * 2)
+    return out + ([cpus] if cpus > out[-1] else [])
+
+
+def loader_section(args) -> None:
+    workers = args.loader_workers or default_loader_workers()
+    rows = bench_loader(workers, args.loader_batches, args.loader_batch_size)
+    print("## Data loader\n")
+    print(f"`PretrainLoader`, paper multi-crop augmentation of one 500x375 RGB image, batches of "
+          f"{args.loader_batch_size}, pinned memory {'on' if torch.cuda.is_available() else 'off'}; "
+          f"{args.loader_batches} timed batches per row after the first max(1, workers); {os.cpu_count()} CPUs.\n")
+    print("| workers | images/s | ms/batch | speedup |")
+    print("|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_batch']:.1f} | {row['speedup']:.2f}x |")
+    print()
+
+
 def training_section(args) -> None:
     tool = _load_tool("bench_training")
     print("## Training step\n")
@@ -193,6 +269,7 @@ def _load_tool(name: str):
 # here (with its own arguments in ``main``'s parser); ``--only`` offers exactly these names.
 SECTIONS = {
     "augmentation": augmentation_section,
+    "loader": loader_section,
     "training": training_section,
 }
 
@@ -203,12 +280,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=40, help="augmentation: images per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="augmentation: timed blocks per pipeline")
     parser.add_argument("--training-iters", type=int, default=5, help="training: timed steps per precision")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=None,
+                        help="loader: worker counts to time (default 1, 2, 4, ... up to the CPU count)")
+    parser.add_argument("--loader-batches", type=int, default=32, help="loader: timed batches per worker count")
+    parser.add_argument("--loader-batch-size", type=int, default=64, help="loader: images per batch")
     parser.add_argument("--quick", action="store_true", help="smoke test of every section (measures nothing)")
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.repeats < 1 or args.training_iters < 1:
-        parser.error("--iterations, --repeats and --training-iters must be >= 1")
+    if min(args.iterations, args.repeats, args.training_iters, args.loader_batches, args.loader_batch_size) < 1:
+        parser.error("--iterations, --repeats, --training-iters, --loader-batches and --loader-batch-size must be >= 1")
+    if args.loader_workers and min(args.loader_workers) < 0:
+        parser.error("--loader-workers must be >= 0")
     if args.quick:
         args.iterations, args.repeats = 2, 1
+        args.loader_workers, args.loader_batches, args.loader_batch_size = args.loader_workers or [0, 1], 2, 2
 
     command = [os.path.basename(sys.executable), sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     print(f"Machine: {machine_line()}")

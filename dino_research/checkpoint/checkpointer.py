@@ -484,7 +484,10 @@ class Checkpointer:
         self.model.load_state_dict(data["model"])
         if self.optimizer is not None and "optimizer" in data:
             self.optimizer.load_state_dict(data["optimizer"])
-        if self.scaler is not None and "scaler" in data:
+        # An empty scaler state was saved by a disabled scaler (a float32 or bfloat16 run): a float16
+        # run resumed from it (--allow-config-change) keeps its new scaler at the initial scale;
+        # GradScaler.load_state_dict would refuse the empty dict.
+        if self.scaler is not None and data.get("scaler"):
             self.scaler.load_state_dict(data["scaler"])
 
     def load(self, path: str) -> dict:
