@@ -186,7 +186,9 @@ def capture_rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The generator of this process's device only: a process trains on one GPU, and a resume
+        # where fewer GPUs are visible (CUDA_VISIBLE_DEVICES per task) must still find its state.
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -198,8 +200,14 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # checkpoints written before cuda_device: every visible device's generator
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][device])
 
 
 # ------------------------------------------------------------------------------ weight formats
