@@ -47,7 +47,8 @@ def collapse_indicators(loss_module: nn.Module, teacher_out: torch.Tensor, teach
     """Teacher entropy, KL(teacher || student) and center norm: DINO's collapse indicators.
 
     ``teacher_out`` (n_global * B, K) are the teacher's logits of this rank's batch; ``loss`` the
-    step's loss. Uniform collapse drives the teacher's entropy to ln K, one-dimension collapse to 0;
+    step's loss. Uniform collapse drives the teacher's entropy to ln K, one-dimension collapse to 0
+    (warned about only when the images also agree on the dimension: a sharp, diverse teacher is healthy);
     in both the KL between teacher and student goes to 0. The loss averages the cross-entropy
     H(q, p) = H(q) + KL(q || p) over pairs, so KL = loss - mean H(q). Logs a warning near either
     collapse, with the knob to turn.
@@ -59,9 +60,15 @@ def collapse_indicators(loss_module: nn.Module, teacher_out: torch.Tensor, teach
         logger.warning("teacher entropy %.3f is close to ln K = %.3f: outputs near uniform (collapse?). "
                        "Lower MODEL.LOSS.TEACHER_TEMP or check the centering.", entropy, max_entropy)
     elif entropy < 0.01 * max_entropy:
-        logger.warning("teacher entropy %.4f is close to 0: one dimension dominates (collapse?). "
-                       "Centering is not keeping up: lower MODEL.LOSS.CENTER_MOMENTUM or raise "
-                       "MODEL.LOSS.TEACHER_TEMP.", entropy)
+        # Sharp outputs alone are what a low teacher temperature asks for; one-dimension collapse is
+        # every image choosing the *same* dimension: the batch's mean distribution is sharp too.
+        mean_probs = probs.mean(0)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum().item()
+        if batch_entropy < 0.01 * max_entropy:
+            logger.warning("teacher entropy %.4f is close to 0 and every image of the batch picks the same "
+                           "dimension (entropy of their mean %.4f): one dimension dominates (collapse?). "
+                           "Centering is not keeping up: lower MODEL.LOSS.CENTER_MOMENTUM or raise "
+                           "MODEL.LOSS.TEACHER_TEMP.", entropy, batch_entropy)
     metrics = {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy}
     center = getattr(loss_module, "center", None)
     if isinstance(center, torch.Tensor):  # a loss without a running center (Sinkhorn) has none to report
