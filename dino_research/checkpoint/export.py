@@ -202,6 +202,10 @@ def export_model(backbone: nn.Module, fmt: str, path: str, *, backbone_name: str
                               for c in bad)
             raise ExportError(f"the {fmt} export does not reproduce the backbone's features ({shown} > tolerance "
                               f"{tolerance:g}); no file was written to {path}")
+        # The permissions of any file the user writes (safetensors' writer makes its file private).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
