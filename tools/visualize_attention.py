@@ -139,16 +139,20 @@ def jaccard_report(cfg, args, backbone, device) -> dict:
     result = attention_jaccard_of_images(backbone, images, None, cfg.INPUT.MEAN, cfg.INPUT.STD, device,
                                          threshold=args.threshold or 0.6, foreground=args.foreground_threshold)
     source = "random init" if args.random_init else f"{args.weights or cfg.MODEL.WEIGHTS} ({args.checkpoint_key})"
-    rows = [f"| {i:4d} | {100 * j:7.2f} |" for i, j in enumerate(result["per_head"].tolist())]
+    rows = [f"| {i:4d} | {100 * j:7.2f} | {100 * a:9.1f} |"
+            for i, (j, a) in enumerate(zip(result["per_head"].tolist(), result["mask_area"].tolist()))]
     logger.info("attention Jaccard (mask keeping %.0f%% of the mass vs foreground) of %d images of %s, %s:\n"
-                "| head | Jaccard |\n%s\nbest head %d: %.2f; mean over heads: %.2f", 100 * (args.threshold or 0.6),
+                "| head | Jaccard | mask area |\n%s\nbest head %d: %.2f; mean over heads: %.2f; the foreground "
+                "covers %.1f%% of the image", 100 * (args.threshold or 0.6),
                 len(images), cfg.TEST.DATASET, source, "\n".join(rows), result["best_head"],
-                100 * result["best_head_jaccard"], 100 * result["mean_over_heads"])
+                100 * result["best_head_jaccard"], 100 * result["mean_over_heads"], 100 * result["foreground_area"])
     summary = {"backbone": source, "num_images": len(images), "threshold": args.threshold or 0.6,
                "foreground_threshold": args.foreground_threshold,
                "per_head": [100 * j for j in result["per_head"].tolist()], "best_head": result["best_head"],
                "best_head_jaccard": 100 * result["best_head_jaccard"],
-               "mean_over_heads": 100 * result["mean_over_heads"]}
+               "mean_over_heads": 100 * result["mean_over_heads"],
+               "mask_area": [100 * a for a in result["mask_area"].tolist()],
+               "foreground_area": 100 * result["foreground_area"]}
     path = os.path.join(cfg.OUTPUT_DIR, "attention_jaccard.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

@@ -54,7 +54,10 @@ def attention_jaccard(attentions: torch.Tensor, masks: torch.Tensor, patch_size:
 
     Returns:
         ``{"per_image_head": (B, heads) float64, "per_head": (heads,) mean over images,
-        "best_head": int, "best_head_jaccard": float, "mean_over_heads": float}``; values in [0, 1].
+        "best_head": int, "best_head_jaccard": float, "mean_over_heads": float, "mask_area": (heads,)
+        mean fraction of the image each head's mask covers, "foreground_area": float, the ground
+        truth's}``; values in [0, 1]. The areas tell a diffuse map from a sharp one: a mask much
+        smaller than the object cannot score high, however well placed.
         The best head is chosen over the whole set (one head for all images), as a head is a fixed
         part of the model.
     """
@@ -69,7 +72,8 @@ def attention_jaccard(attentions: torch.Tensor, masks: torch.Tensor, patch_size:
     per_head = per_image_head.mean(dim=0)
     best = int(per_head.argmax())
     return {"per_image_head": per_image_head, "per_head": per_head, "best_head": best,
-            "best_head_jaccard": float(per_head[best]), "mean_over_heads": float(per_head.mean())}
+            "best_head_jaccard": float(per_head[best]), "mean_over_heads": float(per_head.mean()),
+            "mask_area": predicted.double().mean(dim=(0, 2, 3)), "foreground_area": float(masks.double().mean())}
 
 
 @torch.no_grad()

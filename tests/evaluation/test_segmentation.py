@@ -33,6 +33,9 @@ def test_sixty_percent_mass_threshold_and_best_head_on_a_hand_made_case():
     assert result["per_image_head"][0].tolist() == pytest.approx([1.0, 0.0])
     assert result["best_head"] == 0 and result["best_head_jaccard"] == pytest.approx(1.0)
     assert result["mean_over_heads"] == pytest.approx(0.5)
+    # Head 0's mask is the top row (half the image), head 1's one patch (a quarter); the object is half.
+    assert result["mask_area"].tolist() == pytest.approx([0.5, 0.25])
+    assert result["foreground_area"] == pytest.approx(0.5)
     # Keeping 50% of the mass leaves head 0 with patch (0,0) only: 4 of the 8 true pixels.
     half = attention_jaccard(attn, truth, patch_size=2, threshold=0.5)
     assert half["per_image_head"][0, 0].item() == pytest.approx(4 / 8)
