@@ -3,6 +3,7 @@ our features at two resolutions, failures that leave no file, and the traced pos
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -37,6 +38,9 @@ def test_round_trip_parity(vit, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"
     report = export_model(vit, fmt, str(out), backbone_name="vit_tiny", metadata={"patch_size": 16})
     assert out.is_file() and [c["size"] for c in report["checks"]] == [224, 160]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes
     enforced = [c for c in report["checks"] if c["enforced"]]
     assert all(c["relative"] <= 1e-4 for c in enforced)
     x = torch.randn(2, 3, 224, 224)
