@@ -17,11 +17,10 @@ RGB-normalized with INPUT.MEAN / INPUT.STD; TEST.BATCH_SIZE images per forward p
 Logs the mAP (percent) and writes OUTPUT_DIR/copy_detection.json (with per-query APs).
 """
 
-import json
 import logging
 import os
 
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, write_results
 from dino_research.engine.slurm import main_or_submit
 from dino_research.evaluation.copy_detection import (
     TOP_K,
@@ -95,10 +94,7 @@ def main(args) -> None:
         "mAP": 100.0 * mean_ap,  # percent
         "AP": {os.path.basename(q): 100.0 * ap for q, ap in zip(copydays.queries, aps)},
     }
-    path = os.path.join(cfg.OUTPUT_DIR, "copy_detection.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("results written to %s", path)
+    write_results(cfg, "copy_detection.json", summary)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,20 @@ says so ("k=200 > 50 training images: all 50 used") and knn.json's "effective_k"
 number of neighbours that voted.
 """
 
-import json
 import logging
-import os
 
 import torch.nn as nn
 
 from dino_research.data import build_eval_transform
 from dino_research.data.eval_transforms import build_eval_datasets
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
+from dino_research.engine import (
+    default_setup,
+    eval_argument_parser,
+    load_config,
+    resolve_device,
+    seed_all,
+    write_results,
+)
 from dino_research.engine.slurm import main_or_submit
 from dino_research.evaluation.features import load_features, save_features
 from dino_research.evaluation.knn import effective_k, k_note, knn_classifier_multi_k, knn_features
@@ -107,10 +112,7 @@ def main(args) -> None:
         "effective_k": {str(k): effective_k(k, n_train) for k in results},
         "notes": {str(k): note for k, note in notes.items() if note},
     }
-    path = os.path.join(cfg.OUTPUT_DIR, "knn.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("results written to %s", path)
+    write_results(cfg, "knn.json", summary)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ Logs mAP and mP@1/5/10 for the Medium and Hard protocols (percent) and writes
 OUTPUT_DIR/retrieval_DATASET.json (also the per-query APs; null for a query without positives).
 """
 
-import json
 import logging
-import os
 
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, write_results
 from dino_research.engine.slurm import main_or_submit
 from dino_research.evaluation.retrieval import (
     REVISITOP_DATASETS,
@@ -85,10 +83,7 @@ def main(args) -> None:
         "num_queries": int(ranks.shape[1]),
         "results": results,  # percent
     }
-    path = os.path.join(cfg.OUTPUT_DIR, f"retrieval_{args.dataset}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("results written to %s", path)
+    write_results(cfg, f"retrieval_{args.dataset}.json", summary)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ J-Mean, F-Mean, and writes OUTPUT_DIR/video_segmentation.json (scores in percent
 (--num-gpus N), process r segments videos r, r+N, r+2N, ...; runs on CPU too.
 """
 
-import json
 import logging
 import os
 
 import torch.distributed as dist
 
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device
+from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, write_results
 from dino_research.engine.slurm import main_or_submit
 from dino_research.evaluation.davis_metrics import summarize
 from dino_research.evaluation.video_segmentation import (
@@ -125,10 +124,7 @@ def main(args) -> None:
     else:
         logger.warning("no video of %s has an annotation for every frame: predictions written, nothing scored "
                        "(score them with the DAVIS server for test-dev)", args.split)
-    path = os.path.join(cfg.OUTPUT_DIR, "video_segmentation.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("results written to %s", path)
+    write_results(cfg, "video_segmentation.json", summary)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,20 @@ the mask keeping ``--threshold`` of the attention), then attention.mp4 and masks
 (Pillow) when PyAV is missing; ``--video-format frames`` keeps only the frame folders.
 """
 
-import json
 import logging
 import os
 
 from PIL import Image
 
 from dino_research.data.datasets import IMAGE_EXTENSIONS, UnreadableImageError, load_image
-from dino_research.engine import default_setup, eval_argument_parser, load_config, resolve_device, seed_all
+from dino_research.engine import (
+    default_setup,
+    eval_argument_parser,
+    load_config,
+    resolve_device,
+    seed_all,
+    write_results,
+)
 from dino_research.evaluation import load_backbone
 from dino_research.evaluation.attention import (
     check_attention_backbone,
@@ -153,10 +159,7 @@ def jaccard_report(cfg, args, backbone, device) -> dict:
                "mean_over_heads": 100 * result["mean_over_heads"],
                "mask_area": [100 * a for a in result["mask_area"].tolist()],
                "foreground_area": 100 * result["foreground_area"]}
-    path = os.path.join(cfg.OUTPUT_DIR, "attention_jaccard.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("results written to %s", path)
+    write_results(cfg, "attention_jaccard.json", summary)
     return summary
 
 

@@ -7,6 +7,7 @@ from .defaults import (
     load_config,
     resolve_device,
     seed_all,
+    write_results,
 )
 from .health import NonFiniteLossError
 from .launch import launch
@@ -25,5 +26,6 @@ __all__ = [
     "load_config",
     "resolve_device",
     "seed_all",
+    "write_results",
     "stop_requested",
 ]

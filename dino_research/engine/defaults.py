@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -145,3 +146,20 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace | None = None,
             f.write(cfg.dump())
         logger.info("full config written to %s", path)
     seed_all(cfg.SEED + rank)
+
+
+def write_results(cfg: CfgNode, filename: str, summary: dict) -> str:
+    """Write an evaluation's ``summary`` as indented JSON to ``OUTPUT_DIR/filename``, atomically (a
+    reader, e.g. ``tools/collect_results.py`` over a sweep, never sees half a file); returns the path.
+    Call it on the main process."""
+    path = os.path.join(cfg.OUTPUT_DIR, filename)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a summary that failed half-way: the previous file stays as it was
+            os.remove(tmp)
+    logger.info("results written to %s", path)
+    return path
