@@ -49,8 +49,26 @@ logger = logging.getLogger("dino_research")
 UNKNOWN_CLASS_POLICIES = declare_choices("TEST.UNKNOWN_VAL_CLASSES", ("error", "ignore"))
 
 
+class ImageFiles(Dataset):
+    """Base of the datasets that hold ``samples``, a list of ``(image path, label)``: item ``i`` is
+    the image of ``samples[i]`` read by :func:`load_image` (with ``exif_transpose``), passed through
+    ``transform`` when there is one, and its label."""
+
+    samples: list
+    transform: Callable | None
+    exif_transpose: bool
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = load_image(path, self.exif_transpose)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
 @DATASET_REGISTRY.register()
-class ImageFolder(Dataset):
+class ImageFolder(ImageFiles):
     """``root/<class>/**/<image>``: one sub-folder per class, labels by sorted class name or by a given
     class index.
 
@@ -160,14 +178,6 @@ class ImageFolder(Dataset):
     @classmethod
     def from_config(cls, cfg, root: str, train: bool = True, transform: Callable | None = None) -> dict:
         return {"root": root, "transform": transform, "exif_transpose": cfg.INPUT.EXIF_TRANSPOSE}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = load_image(path, self.exif_transpose)
-        return (self.transform(image) if self.transform is not None else image), label
 
     def __repr__(self) -> str:
         return f"ImageFolder(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"

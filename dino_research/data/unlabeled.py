@@ -33,12 +33,11 @@ import socket
 from typing import Callable
 
 from iopath.common.file_io import g_pathmgr
-from torch.utils.data import Dataset
 
 from ..config import configurable
 from .build import DATASET_REGISTRY, DatasetError
+from .datasets import ImageFiles
 from .folders import IMAGE_EXTENSIONS, join, list_images
-from .images import load_image
 
 __all__ = ["UnlabeledFolder", "file_list_path", "list_folder_images"]
 
@@ -130,7 +129,7 @@ def _write_cache(path: str, root: str, refresh: int, paths: list[str]) -> None:
 
 
 @DATASET_REGISTRY.register()
-class UnlabeledFolder(Dataset):
+class UnlabeledFolder(ImageFiles):
     """Every image file under ``root``, recursively, in any layout; label -1.
 
     Order: sorted by name at every level (the same on every machine). Hidden entries are skipped,
@@ -174,14 +173,6 @@ class UnlabeledFolder(Dataset):
     def from_config(cls, cfg, root: str, train: bool = True, transform: Callable | None = None) -> dict:
         return {"root": root, "transform": transform, "exif_transpose": cfg.INPUT.EXIF_TRANSPOSE,
                 "cache_dir": cfg.OUTPUT_DIR, "refresh": cfg.DATASETS.REFRESH_FILE_LIST}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = load_image(path, self.exif_transpose)
-        return (self.transform(image) if self.transform is not None else image), label
 
     def __repr__(self) -> str:
         return f"UnlabeledFolder(root={self.root!r}, images={len(self)})"
