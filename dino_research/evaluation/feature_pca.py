@@ -10,12 +10,13 @@ tokens of the last block, [CLS] dropped).
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..utils.plots import save_figure
 
 __all__ = ["feature_pca", "fit_pca", "patch_features", "pca_figure"]
 
@@ -122,12 +123,7 @@ def pca_figure(images: Sequence, results: Sequence[dict], titles: Sequence[str],
             ax.set_title(label, fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def _up(grid: np.ndarray, k: int) -> np.ndarray:

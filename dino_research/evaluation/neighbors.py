@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.plots import save_figure
+
 __all__ = ["near_duplicates", "neighbors_figure", "top_k_neighbors", "unit_rows", "write_csv"]
 
 
@@ -138,12 +140,7 @@ def neighbors_figure(query_paths: Sequence[str], neighbor_paths: Sequence[Sequen
                 ax.imshow(_thumbnail(cells[c][0], thumb))
                 ax.set_title(cells[c][1], fontsize=7, color="tab:blue" if c == 0 else "black")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def _short(path: str, width: int = 22) -> str:

@@ -107,6 +107,23 @@ def _figure(n_axes: int):
     return plt, fig, list(axes.flat[:n_axes])
 
 
+def save_figure(fig, out: str) -> str:
+    """Write matplotlib ``fig`` to the PNG ``out`` (its folder created) through a temporary and a
+    rename, so a viewer or a sync never sees half a file, then close it; returns ``out``."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
 def _draw(ax, series: list[tuple[int, float]], label: str, **style) -> None:
     xs, ys = zip(*series)
     marker = "o" if len(series) <= 20 else None  # sparse metrics (evaluations) as points
@@ -149,11 +166,7 @@ def plot_training_curves(run_dir: str, out: Optional[str] = None,
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curves.png")
-    tmp = f"{out}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)  # a viewer never sees half a file
-    return out
+    return save_figure(fig, out)
 
 
 def plot_runs(run_dirs: Sequence[str], metrics: Sequence[str], out: str,
@@ -177,7 +190,4 @@ def plot_runs(run_dirs: Sequence[str], metrics: Sequence[str], out: str,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
