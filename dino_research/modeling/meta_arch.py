@@ -124,12 +124,16 @@ class DINO(MetaArchitecture):
         self._ema = None
 
     @classmethod
+    def build_network(cls, cfg, backbone: nn.Module) -> nn.Module:
+        """Backbone + head of one of the two networks; a subclass with another head overrides this
+        (iBOT's patch head) and keeps the rest of :meth:`from_config`."""
+        return MultiCropNetwork(backbone, build_head(cfg, in_dim=backbone.embed_dim))
+
+    @classmethod
     def from_config(cls, cfg) -> dict:
-        nets = []
-        for drop_path_rate in (cfg.MODEL.BACKBONE.DROP_PATH_RATE, 0.0):  # student, teacher
-            backbone = build_backbone(cfg, drop_path_rate=drop_path_rate)
-            nets.append(MultiCropNetwork(backbone, build_head(cfg, in_dim=backbone.embed_dim)))
-        return dict(student=nets[0], teacher=nets[1], loss=build_loss(cfg),
+        student, teacher = (cls.build_network(cfg, build_backbone(cfg, drop_path_rate=rate))
+                            for rate in (cfg.MODEL.BACKBONE.DROP_PATH_RATE, 0.0))  # no drop path in the teacher
+        return dict(student=student, teacher=teacher, loss=build_loss(cfg),
                     ema_factory=lambda student, teacher: build_ema(cfg, student, teacher))
 
     def forward(self, batch, teacher_temp: float, **_) -> dict[str, torch.Tensor]:
