@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dino_research.config import configurable
-from dino_research.modeling import META_ARCH_REGISTRY, build_backbone, build_ema, build_loss
+from dino_research.modeling import META_ARCH_REGISTRY
 from dino_research.modeling.heads import DINOHead, WeightNormLinear
 from dino_research.modeling.meta_arch import DINO, MultiCropNetwork
 from dino_research.solver import EXTRA_SCHEDULE_REGISTRY
@@ -123,15 +123,13 @@ class iBOT(DINO):
         self.register_buffer("patch_center", torch.zeros(1, 1, self.student.head.last_layer2.out_features))
 
     @classmethod
+    def build_network(cls, cfg, backbone: nn.Module) -> nn.Module:
+        return iBOTNetwork(backbone, iBOTHead(cfg, in_dim=backbone.embed_dim))
+
+    @classmethod
     def from_config(cls, cfg) -> dict:
-        nets = []
-        for drop_path_rate in (cfg.MODEL.BACKBONE.DROP_PATH_RATE, 0.0):  # student, teacher
-            backbone = build_backbone(cfg, drop_path_rate=drop_path_rate)
-            nets.append(iBOTNetwork(backbone, iBOTHead(cfg, in_dim=backbone.embed_dim)))
-        return dict(student=nets[0], teacher=nets[1], loss=build_loss(cfg),
-                    ema_factory=lambda student, teacher: build_ema(cfg, student, teacher),
-                    patch_center_momentum=cfg.IBOT.PATCH_CENTER_MOMENTUM, cls_weight=cfg.IBOT.CLS_WEIGHT,
-                    patch_weight=cfg.IBOT.PATCH_WEIGHT)
+        return dict(super().from_config(cfg), patch_center_momentum=cfg.IBOT.PATCH_CENTER_MOMENTUM,
+                    cls_weight=cfg.IBOT.CLS_WEIGHT, patch_weight=cfg.IBOT.PATCH_WEIGHT)
 
     def forward(self, batch, teacher_temp: float, patch_teacher_temp: float = 0.07, **_) -> dict:
         crops, masks = batch["crops"], batch.get("masks")
