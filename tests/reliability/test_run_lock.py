@@ -149,6 +149,9 @@ def _hold_on_every_rank(rank, world_size, folder, results):
     with hold_run_lock(folder) as lock:
         holders = len(list(Path(folder).glob(LOCK_FILE)))
         Path(results, f"rank{rank}").write_text(f"{lock is not None} {holders}")
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 keeps the lock until every rank has counted (else a race: 'False 0')
     # Every rank refuses together when the folder is held by someone else.
     if rank == 0:
         _write_lock(Path(folder), host="node-042", pid=1)
