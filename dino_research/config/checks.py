@@ -101,6 +101,7 @@ ANY_NUMBER: Rule = (_num, "a finite number")
 _RANGES: tuple[tuple[str, Rule], ...] = (
     ("MODEL.BACKBONE.DROP_PATH_RATE", _between(0, 1, hi_open=True)),
     ("MODEL.BACKBONE.DEPTH", NON_NEGATIVE),
+    ("MODEL.BACKBONE.NUM_HEADS", NON_NEGATIVE),
     ("MODEL.BACKBONE.PATCH_SIZE", _between(1, VIT_MAX_PATCH_SIZE)),
     ("MODEL.BACKBONE.RESNET_WIDTH", AT_LEAST_ONE),
     ("MODEL.HEAD.OUT_DIM", AT_LEAST_ONE),

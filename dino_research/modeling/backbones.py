@@ -257,6 +257,10 @@ class DINOVisionTransformer(VisionTransformer):
 def _vit(cfg, drop_path_rate: float, embed_dim: int, num_heads: int) -> DINOVisionTransformer:
     patch_size = check_value("MODEL.BACKBONE.PATCH_SIZE", cfg.MODEL.BACKBONE.PATCH_SIZE)
     depth = check_value("MODEL.BACKBONE.DEPTH", cfg.MODEL.BACKBONE.DEPTH) or 12
+    num_heads = check_value("MODEL.BACKBONE.NUM_HEADS", cfg.MODEL.BACKBONE.NUM_HEADS) or num_heads
+    if embed_dim % num_heads:
+        raise ValueError(f"MODEL.BACKBONE.NUM_HEADS = {num_heads} does not divide the width {embed_dim} of "
+                         f"{cfg.MODEL.BACKBONE.NAME}; use a divisor of {embed_dim} (0 keeps the architecture's heads)")
     return DINOVisionTransformer(
         patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         drop_path_rate=drop_path_rate,

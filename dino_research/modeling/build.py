@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from fvcore.common.registry import Registry
 
@@ -110,6 +111,23 @@ def build_backbone(cfg, drop_path_rate: Optional[float] = None) -> nn.Module:
     assert isinstance(getattr(backbone, "embed_dim", None), int), (
         f"backbone {cfg.MODEL.BACKBONE.NAME} must expose an integer `embed_dim`"
     )
+    if cfg.MODEL.BACKBONE.CHANNELS_LAST:
+        use_channels_last(backbone)
+    return backbone
+
+
+def _input_to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+
+
+def use_channels_last(backbone: nn.Module) -> nn.Module:
+    """Store ``backbone``'s 4-D weights channels-last (NHWC) and convert its 4-D inputs on entry, in
+    place; returns it. Values are unchanged: only the memory layout differs, which oneDNN (CPU) and
+    cuDNN (tensor cores) run convolutions faster on. A forward pre-hook rather than a wrapper, so
+    the module keeps its type, attributes and state-dict keys."""
+    backbone.to(memory_format=torch.channels_last)
+    backbone.register_forward_pre_hook(_input_to_channels_last)
     return backbone
 
 

@@ -355,3 +355,21 @@ def test_masked_patch_tokens_replace_the_embedding_before_the_position(make_tiny
     torch.testing.assert_close(tokens[1], net.prepare_tokens(x)[1])  # the other image is untouched
     with pytest.raises(ValueError, match=r"token_mask must be bool \(2, 2, 3\)"):
         net.prepare_tokens(x, mask[:, :1], token)
+
+
+def test_num_heads_overrides_the_architectures_heads(make_tiny_cfg):
+    from dino_research.config.checks import ConfigError
+    from dino_research.modeling import build_backbone
+
+    cfg = make_tiny_cfg(**{"MODEL.BACKBONE.NAME": "vit_tiny", "MODEL.BACKBONE.DEPTH": "1",
+                           "MODEL.BACKBONE.PATCH_SIZE": "4", "MODEL.BACKBONE.NUM_HEADS": "6"})
+    net = build_backbone(cfg)
+    assert net.num_heads == 6 and net.blocks[0].attn.num_heads == 6
+    assert net.get_last_selfattention(torch.randn(2, 3, 28, 28)).shape == (2, 6, 50, 50)
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.NUM_HEADS = 5
+    with pytest.raises(ValueError, match="NUM_HEADS = 5 does not divide the width 192"):
+        build_backbone(cfg)
+    cfg.MODEL.BACKBONE.NUM_HEADS = -1
+    with pytest.raises(ConfigError, match="MODEL.BACKBONE.NUM_HEADS = -1"):
+        build_backbone(cfg)

@@ -43,3 +43,39 @@ def test_teacher_batchnorm_statistics_follow_the_student_by_ema(make_tiny_cfg):
     # t = 0.9 t + 0.1 s, for buffers as for parameters; the batch counter is copied.
     torch.testing.assert_close(t_bn.running_mean, 0.9 * before + 0.1 * s_bn.running_mean)
     assert t_bn.num_batches_tracked.item() == s_bn.num_batches_tracked.item() == 1
+
+
+def test_channels_last_keeps_values_keys_and_gradients(make_tiny_cfg):
+    """MODEL.BACKBONE.CHANNELS_LAST changes the memory layout only: the same forward values, the
+    same state-dict keys, and the same DINO loss and gradients from the same weights (up to float32
+    summation order; compared before the optimizer, whose first Adam step is ~lr * sign(grad) and
+    would turn a rounding difference of a near-zero gradient into a full step)."""
+
+    def cfg(channels_last):
+        c = _cfg(make_tiny_cfg)
+        c.defrost()
+        c.MODEL.BACKBONE.CHANNELS_LAST = channels_last
+        return c
+
+    torch.manual_seed(0)
+    plain, fast = build_model(cfg(False)), build_model(cfg(True))
+    fast.load_state_dict(plain.state_dict())
+    assert set(plain.state_dict()) == set(fast.state_dict())
+    conv = fast.student.backbone.stem[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(4, 3, 28, 28)
+    torch.testing.assert_close(fast.student.backbone(x), plain.student.backbone(x), rtol=1e-5, atol=1e-5)
+    crops = [torch.randn(4, 3, 28, 28) for _ in range(2)] + [torch.randn(4, 3, 14, 14) for _ in range(2)]
+    losses = []
+    for model in (plain, fast):
+        model.train()
+        loss = model({"crops": crops}, teacher_temp=0.04)["loss"]
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
+    for (name, a), b in zip(plain.student.named_parameters(), fast.student.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is None:  # the frozen weight-norm magnitude of the last layer
+            continue
+        scale = a.grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
