@@ -3,7 +3,7 @@
 
     python tools/bench_training.py [--device cpu|cuda] [--precisions fp32 bf16 fp16] [--batch-size 8]
                                    [--max-batch] [--warmup 2] [--iters 5] [--threads N] [--probe-size N]
-                                   [--quick] [KEY VALUE ...]
+                                   [--profile N] [--reference DINO_CHECKOUT] [--quick] [KEY VALUE ...]
 
 What is timed: ``DINOTrainer.run_step`` itself (schedules, teacher forward on the 2 global crops,
 student forward + backward on all crops, loss, per-parameter clipping, fused AdamW, teacher EMA,
@@ -63,6 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from dino_research.config import get_cfg
 from dino_research.engine import DINOTrainer
 from dino_research.utils.events import EventStorage
+from dino_research.utils.profiling import markdown_tables, profile_steps
 
 PRECISIONS = {  # name -> (SOLVER.AMP.ENABLED, SOLVER.AMP.DTYPE, matmul dtype of the peak)
     "fp32": (False, "bfloat16", torch.float32),
@@ -205,8 +206,8 @@ def count_step_flops(trainer: DINOTrainer) -> int:
 
 
 # ------------------------------------------------------------------------------ training step
-def build_trainer(precision: str, batch: int, output_dir: str, opts: Sequence = (), device: str = "cpu") -> DINOTrainer:
-    """A ``DINOTrainer`` of the default config (ViT-S/16, paper head and crops) on ``device``, no hooks."""
+def bench_config(precision: str, batch: int, output_dir: str, opts: Sequence = (), device: str = "cpu"):
+    """The frozen config of the timed steps: the default (ViT-S/16, paper head and crops) + ``opts``."""
     enabled, dtype, _ = PRECISIONS[precision]
     cfg = get_cfg()
     cfg.merge_from_list([
@@ -215,7 +216,34 @@ def build_trainer(precision: str, batch: int, output_dir: str, opts: Sequence = 
         "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", output_dir, *opts,
     ])
     cfg.freeze()
-    return DINOTrainer(cfg, default_hooks=False)
+    return cfg
+
+
+def build_trainer(precision: str, batch: int, output_dir: str, opts: Sequence = (), device: str = "cpu") -> DINOTrainer:
+    """A ``DINOTrainer`` of :func:`bench_config` on ``device``, no hooks."""
+    return DINOTrainer(bench_config(precision, batch, output_dir, opts, device), default_hooks=False)
+
+
+def reference_rows(checkout: str, rows: list[dict], warmup: int, iters: int, opts: Sequence, device: str) -> list[dict]:
+    """The reference loop (``tools/reference_loop.py``) timed on the crops of every fp32 / fp16 row:
+    ``{"precision", "batch", "images_per_s", "ours_images_per_s", "ratio"}`` (ratio = ours / reference)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_loop.py")
+    spec = importlib.util.spec_from_file_location("reference_loop", path)
+    reference_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference_loop)
+    out = []
+    for r in rows:
+        if "error" in r or r["precision"] not in ("fp32", "fp16"):
+            continue
+        with tempfile.TemporaryDirectory() as output_dir:
+            cfg = bench_config(r["precision"], r["batch"], output_dir, opts, device)
+            timed = reference_loop.time_reference_loop(checkout, cfg, fixed_batch(cfg, r["batch"], device)[0],
+                                                       warmup, iters, r["precision"], device)
+        out.append(dict(precision=r["precision"], batch=r["batch"], images_per_s=timed["images_per_s"],
+                        ours_images_per_s=r["images_per_s"], ratio=r["images_per_s"] / timed["images_per_s"]))
+    return out
 
 
 def fixed_batch(cfg, batch: int, device: str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -333,8 +361,10 @@ def largest_batch(precision: str, start: int, output_dir: str, opts: Sequence = 
 
 
 def _measure(trainer: DINOTrainer, precision: str, batch: int, warmup: int, iters: int, probe_size: int,
-             device: str) -> dict:
-    """Timed steps, their probes, the FLOPs of one step and the peak memory of ``trainer`` at ``batch``."""
+             device: str, profile: int = 0) -> dict:
+    """Timed steps, their probes, the FLOPs of one step and the peak memory of ``trainer`` at ``batch``;
+    with ``profile`` > 0, also :func:`~dino_research.utils.profiling.profile_steps` over that many
+    more steps (after the timed ones, so the profiler's overhead is not in the timings)."""
     probe_dtypes = {torch.float32, PRECISIONS[precision][2]} | ({torch.bfloat16} if device == "cuda" else set())
     use_batch(trainer, batch)
     if device == "cuda":
@@ -345,16 +375,17 @@ def _measure(trainer: DINOTrainer, precision: str, batch: int, warmup: int, iter
                 dtype: matmul_gflops(dtype, probe_size, device=device) for dtype in probe_dtypes})
         peak_memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
         flops = count_step_flops(trainer)
+        profiled = profile_steps(trainer.run_step, profile, device=device) if profile else None
     h2d = host_to_device_ms(fixed_batch(trainer.cfg, batch)[0]) if device == "cuda" else None
     return dict(precision=precision, batch=batch, times=times, probes=probes, flops=flops,
-                other_load=other_load.share, peak_memory=peak_memory, h2d_ms=h2d)
+                other_load=other_load.share, peak_memory=peak_memory, h2d_ms=h2d, profile=profiled)
 
 
 def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8, warmup: int = 2,
                    iters: int = 5, threads: Optional[int] = None, *, opts: Sequence = (),
                    peak_sizes: Optional[Sequence[int]] = None, probe_size: Optional[int] = None,
                    device: str = "cpu", max_batch: bool = False, max_batch_limit: int = 8192,
-                   log=print) -> list[dict]:
+                   profile: int = 0, log=print) -> list[dict]:
     """Time the DINO training step per precision; one dict per (precision, batch), in order.
 
     The speed of a shared or virtual machine drifts (other tenants, clock boost), so the matmul peak
@@ -375,7 +406,9 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
     ``other_load`` (share of the CPUs other processes used during the steps: re-run when it is not near
     0), ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated`` over the timed steps; None on a
     CPU), ``h2d_ms`` (host-to-device copy of one batch from pinned memory; None on a CPU).
-    ``opts`` are extra config overrides (KEY, VALUE, ...).
+    ``opts`` are extra config overrides (KEY, VALUE, ...). With ``profile`` = N > 0 every row also
+    has ``profile``: :func:`~dino_research.utils.profiling.profile_steps` of N more steps (phases and
+    the operators with the most self time).
     """
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
@@ -411,7 +444,7 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
             for b in batches:
                 trainer = build_trainer(precision, b, output_dir, opts, device)
                 try:
-                    measured.append(_measure(trainer, precision, b, warmup, iters, probe_size, device))
+                    measured.append(_measure(trainer, precision, b, warmup, iters, probe_size, device, profile))
                 except RuntimeError as e:  # the search's batch fitted one step, not several: say so
                     if not _out_of_memory(e):
                         raise
@@ -440,7 +473,7 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
                               if device == "cuda" else None),
             sweep_peak_gflops=sweep[dtype], mfu_vs_sweep_peak=flops / step / 1e9 / sweep[dtype],
             threads=torch.get_num_threads(), other_load=m["other_load"], peak_memory_bytes=m["peak_memory"],
-            h2d_ms=m["h2d_ms"],
+            h2d_ms=m["h2d_ms"], profile=m["profile"],
         ))
     for r in rows:
         fp32 = next((f for f in rows if f["precision"] == "fp32" and f["batch"] == r["batch"] and "error" not in f),
@@ -491,6 +524,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--probe-size", type=int, default=None,
                         help="side of the square matmuls measured before every timed step (the MFU's peak); "
                              "default " + ", ".join(f"{d}: {s['probe']}" for d, s in DEFAULT_SIZES.items()))
+    parser.add_argument("--profile", type=int, default=2, metavar="N",
+                        help="torch.profiler over N more steps per row: time per phase (forward, backward, "
+                             "clipping, optimizer, EMA) and the operators with the most self time (0: off)")
+    parser.add_argument("--reference", metavar="DINO_CHECKOUT", default=None,
+                        help="a facebookresearch/dino checkout: also time its train_one_epoch on the same crops "
+                             "(fp32 and fp16 rows) and print our speed over its (tools/reference_loop.py)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny ViT, small crops and head, batch 2, 1+1 steps (not a measurement)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="extra config overrides")
@@ -500,6 +539,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("fp16 (float16 autocast with a gradient scaler) needs --device cuda")
     if args.max_batch and args.device != "cuda":
         parser.error("--max-batch needs --device cuda")
+    if args.reference and not all(os.path.isfile(os.path.join(args.reference, f))
+                                  for f in ("main_dino.py", "utils.py", "vision_transformer.py")):
+        parser.error(f"--reference {args.reference!r}: not a facebookresearch/dino checkout (it needs main_dino.py, "
+                     "utils.py and vision_transformer.py); clone https://github.com/facebookresearch/dino there")
     if args.quick:
         opts = QUICK_OPTS + opts
         args.batch, args.warmup, args.iters, args.peak_sizes, args.probe_size = 2, 1, 1, [256], 256
@@ -509,7 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     load_before = os.getloadavg()[0]
     rows = bench_training(args.precisions, args.batch, args.warmup, args.iters, args.threads, opts=opts,
                           peak_sizes=args.peak_sizes, probe_size=args.probe_size, device=args.device,
-                          max_batch=args.max_batch, max_batch_limit=args.max_batch_limit)
+                          max_batch=args.max_batch, max_batch_limit=args.max_batch_limit, profile=args.profile)
     ok = [r for r in rows if "error" not in r]
     probe_size = args.probe_size or DEFAULT_SIZES[args.device]["probe"]
     peak_sizes = args.peak_sizes or DEFAULT_SIZES[args.device]["sweep"]
@@ -548,6 +591,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.device == "cpu":
         print(f"- glibc malloc: {chosen + ' (environment)' if malloc else 'freed memory kept mapped by the trainer'}")
     print(f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+    if args.reference:
+        print("\n### Against the reference loop\n")
+        print(f"`main_dino.train_one_epoch` of {args.reference}, one process, same crops and sizes, "
+              f"{args.iters} iterations after {args.warmup} (tools/reference_loop.py says what is adapted).\n")
+        print("| precision | batch | reference images/s | ours images/s | ours / reference |")
+        print("|---|---:|---:|---:|---:|")
+        for r in reference_rows(args.reference, ok, args.warmup, args.iters, opts, args.device):
+            print(f"| {r['precision']} | {r['batch']} | {r['images_per_s']:.3f} | {r['ours_images_per_s']:.3f} "
+                  f"| {r['ratio']:.2f}x |")
+    for r in ok:
+        if r.get("profile"):
+            print(f"\n### Where the time goes: {r['precision']}, batch {r['batch']} "
+                  f"(torch.profiler, {args.profile} steps after the timed ones)\n")
+            print(markdown_tables(r["profile"]))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..solver import apply_schedules, clip_grad_per_param_
 from ..utils.events import EventStorage
+from ..utils.profiling import phase
 from .health import NonFiniteLossError, finite_on_all_ranks, gradient_fault
 from .preemption import TrainingStopped
 
@@ -195,7 +196,7 @@ class SimpleTrainer:
                     else contextlib.nullcontext())
             with sync:
                 # 2. The model's forward: for DINO the teacher on the global crops, the student on all, the loss.
-                with autocast:
+                with autocast, phase("step/forward"):
                     out = self.ddp_model(batch, **model_values)
                 loss = out.pop("loss")
                 # Every rank takes the same decision, before any collective of the backward pass.
@@ -205,14 +206,16 @@ class SimpleTrainer:
                              else "loss is non-finite on another rank")
                     continue
                 # 3. Backward (scaled for float16; averaged over micro-batches).
-                self.scaler.scale(loss / self.accumulate).backward()
+                with phase("step/backward"):
+                    self.scaler.scale(loss / self.accumulate).backward()
             outputs.append(out)
             loss_sum += loss_value
             del out, loss
 
         # 4. Per-parameter gradient clipping, on unscaled gradients.
         if fault is None:
-            fault = self._clip_and_check_gradients()
+            with phase("step/clip"):
+                fault = self._clip_and_check_gradients()
         if fault is not None:
             self._skip_nonfinite_step(fault, it, epoch)  # raises past skip_nonfinite
             self.storage.put_scalars(**scalars, smoothing_hint=False)
@@ -224,8 +227,9 @@ class SimpleTrainer:
             for p in self.last_layer_params:
                 p.grad = None
         # 6. Optimizer step.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with phase("step/optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         # 7. The model's updates after the step (DINO: teacher EMA, then center), once per optimizer
         # step; health metrics first, on the outputs and state the step used.
         loss_mean = loss_sum / self.accumulate
@@ -233,7 +237,8 @@ class SimpleTrainer:
             health = self.model.health_metrics(outputs, loss=loss_mean, **model_values)
             if health:
                 self.storage.put_scalars(**health, smoothing_hint=False)
-        self.model.after_step(outputs, **model_values)
+        with phase("step/after_step"):
+            self.model.after_step(outputs, **model_values)
 
         step_time = time.perf_counter() - start
         # Schedules are logged as they are at this iteration (not smoothed); per-step timings and the
