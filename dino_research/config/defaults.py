@@ -32,6 +32,13 @@ _C.MODEL.WEIGHTS_PARTIAL = False
 # Where to train: "auto" (the local CUDA device of this process if there is one, else the CPU),
 # "cpu" or "cuda".
 _C.MODEL.DEVICE = "auto"
+# torch.compile the backbones' training forward (student and teacher; evaluations run them
+# uncompiled): "" (off), "static" (one graph per crop size, the default to try: two crop sizes give
+# two graphs per network) or "dynamic" (shapes symbolic: fewer compilations, often slower steps).
+# The first step of each crop size pays the compilation (minutes on a small CPU); on CPU inductor
+# needs a C++ compiler. Off by default until it pays: measure with tools/bench_training.py
+# MODEL.COMPILE static. Same weights and checkpoint keys as uncompiled.
+_C.MODEL.COMPILE = ""
 
 _C.MODEL.BACKBONE = CN()
 # BACKBONE_REGISTRY name: vit_tiny, vit_small, vit_base (DINO's ViTs on timm), resnet50

@@ -60,6 +60,25 @@ def amp_settings(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
     return enabled, AMP_DTYPES[name]
 
 
+# MODEL.COMPILE values ("" is off).
+COMPILE_MODES = ("", "static", "dynamic")
+declare_choices("MODEL.COMPILE", COMPILE_MODES)
+
+
+def compile_networks(model: nn.Module, dynamic: bool) -> int:
+    """``torch.compile`` the backbone pass of every multi-crop network of ``model`` (DINO: student
+    and teacher; a project's networks too); returns how many. Weights, keys and the modules that
+    evaluations use are unchanged (:meth:`MultiCropNetwork.compile_backbone`)."""
+    from ..modeling.meta_arch import MultiCropNetwork
+
+    networks = [m for m in model.modules() if isinstance(m, MultiCropNetwork)]
+    for network in networks:
+        network.compile_backbone(dynamic=dynamic)
+    logger.info("MODEL.COMPILE: %d backbone(s) compiled with torch.compile(dynamic=%s); the first step of each "
+                "crop size compiles (slow), later steps reuse the graphs", len(networks), dynamic)
+    return len(networks)
+
+
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -116,6 +135,8 @@ class DINOTrainer(SimpleTrainer):
             else:  # PyTorch's SyncBatchNorm has no CPU kernel
                 logger.warning("BatchNorm statistics stay per process: SyncBatchNorm needs CUDA devices")
         self.model = model.to(self.device)
+        if cfg.MODEL.COMPILE:
+            compile_networks(self.model, dynamic=cfg.MODEL.COMPILE == "dynamic")
         seed_all(cfg.SEED + self.rank)
         # Teacher and center are identical on every rank (same EMA, all-reduced center), so buffers
         # need no broadcast at each forward.

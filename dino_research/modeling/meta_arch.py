@@ -34,15 +34,25 @@ class MultiCropNetwork(nn.Module):
     def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(crops))
 
+    def compile_backbone(self, dynamic: bool) -> None:
+        """Run :meth:`embed`'s backbone passes through ``torch.compile(self.backbone)``.
+
+        The compiled wrapper is kept outside the module tree (not a submodule): state-dict keys,
+        ``.backbone`` (what evaluations and exports use, uncompiled) and checkpoints are unchanged.
+        """
+        object.__setattr__(self, "_compiled_backbone", torch.compile(self.backbone, dynamic=dynamic))
+
     def embed(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The backbone's embeddings of ``crops``, ``(len(crops)*B, D)``, crop-major."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
+        backbone = self.__dict__.get("_compiled_backbone")
+        backbone = self.backbone if backbone is None else backbone
         embeddings, start = [], 0
         for end in range(1, len(crops) + 1):
             if end == len(crops) or crops[end].shape[-2:] != crops[start].shape[-2:]:
                 batch = crops[start] if end - start == 1 else torch.cat(list(crops[start:end]))
-                embeddings.append(self.backbone(batch))
+                embeddings.append(backbone(batch))
                 start = end
         return torch.cat(embeddings) if len(embeddings) > 1 else embeddings[0]
 
