@@ -34,6 +34,15 @@ def test_benchmark_sections_run_and_print_their_tables(capsys, monkeypatch):
         images_per_s, gflops_per_image, mfu = float(row[1]), float(row[3]), float(row[6].rstrip("%"))
         assert images_per_s > 0 and gflops_per_image > 0 and mfu > 0, (precision, row)
     assert training["fp32"][3] == training["bf16"][3]  # the same FLOPs, whatever the precision
+    decode = _table_rows(out, "64x48")
+    assert len(decode) == 1 and all(float(cell) > 0 for cell in decode[0][2:7]), decode
+
+
+def test_admissible_draft_factor_keeps_every_global_crop_at_least_224_pixels():
+    factor = load_tool("benchmark").admissible_draft_factor
+    # Short side of the smallest box: sqrt(0.4 * W * H * 3/4); 500x375 -> 237 px (no reduction),
+    # 2000x1500 -> 949 px (949 / 4 = 237 >= 224, 949 / 8 < 224), 4000x3000 -> 1897 (1/8 is the cap).
+    assert (factor(500, 375), factor(2000, 1500), factor(4000, 3000)) == (1, 4, 8)
 
 
 def test_knn_benchmark_runs_and_both_methods_agree():

@@ -14,6 +14,10 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
   flips, jitters and blurs and share whatever load the machine has. Reported: the median over
   ``--repeats`` blocks of ``--iterations`` images; the speedup is the median of the per-block ratios.
 
+- ``decode``: JPEG decoding of a generated photo stand-in (500x375, ImageNet's typical size, and
+  2000x1500) with Pillow, torchvision.io's decoder and Pillow's reduced-size decoding, next to the
+  multi-crop augmentation's cost on the same image, and the reduction the paper's global crops allow.
+
 - ``loader``: the whole pretraining data loader (``PretrainLoader``: per-sample seeding, the same
   multi-crop augmentation, collation into batches of ``--loader-batch-size``, transfer from the
   worker processes, pinned memory when CUDA is available) over the same image, in images/s for each
@@ -246,6 +250,92 @@ def loader_section(args) -> None:
     print()
 
 
+# ------------------------------------------------------------------------------ JPEG decoding
+def jpeg_fixture(width: int, height: int, quality: int = 90) -> bytes:
+    """:func:`benchmark_image` of ``width`` x ``height`` as JPEG bytes (quality 90, 4:2:0)."""
+    import io
+
+    buffer = io.BytesIO()
+    benchmark_image(width, height).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def admissible_draft_factor(width: int, height: int, crop: int = 224, min_scale: float = 0.4,
+                            min_ratio: float = 3 / 4) -> int:
+    """The largest JPEG reduction (1, 2, 4 or 8) that keeps every RandomResizedCrop box of the paper's
+    global crops (area >= ``min_scale``, aspect ratio >= ``min_ratio``) at least ``crop`` pixels on its
+    short side: decoding smaller would make those crops upsample instead of downsample."""
+    short_side = (min_scale * width * height * min_ratio) ** 0.5
+    factor = 1
+    while factor < 8 and short_side / (2 * factor) >= crop:
+        factor *= 2
+    return factor
+
+
+def bench_decode(sizes, iterations: int) -> list[dict]:
+    """ms per decode of one JPEG per size: Pillow (``load_image``'s path), torchvision.io's
+    libjpeg-turbo decoder, and Pillow's reduced-size (DCT-domain) decoding at 1/2 and 1/4; with the
+    multi-crop augmentation's ms on the decoded image, on one thread."""
+    import io
+
+    from torchvision.io import decode_jpeg
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        augment = DINOMultiCrop(get_cfg())
+        for width, height in sizes:
+            data = jpeg_fixture(width, height)
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+            def pil(reduce: int = 1, data=data, size=(width, height)):
+                image = Image.open(io.BytesIO(data))
+                if reduce > 1:
+                    image.draft("RGB", (size[0] // reduce, size[1] // reduce))
+                image.load()
+                return image.convert("RGB")
+
+            decoders = {"Pillow": pil, "torchvision.io.decode_jpeg": lambda encoded=encoded: decode_jpeg(encoded),
+                        "Pillow draft 1/2": lambda: pil(2), "Pillow draft 1/4": lambda: pil(4)}
+            times = {}
+            for name, decode in decoders.items():
+                decode()
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    decode()
+                times[name] = (time.perf_counter() - start) * 1e3 / iterations
+            image = pil()
+            augment(image)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                augment(image)
+            rows.append(dict(size=f"{width}x{height}", kilobytes=len(data) / 1e3, decode_ms=times,
+                             augment_ms=(time.perf_counter() - start) * 1e3 / iterations,
+                             draft_factor=admissible_draft_factor(width, height)))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def decode_section(args) -> None:
+    sizes = [(500, 375), (2000, 1500)] if not args.quick else [(64, 48)]
+    rows = bench_decode(sizes, args.iterations)
+    names = list(rows[0]["decode_ms"])
+    print("## JPEG decoding\n")
+    print(f"One JPEG (quality 90) per size, one thread, mean of {args.iterations} decodes; then the paper's "
+          "multi-crop augmentation of the decoded image, for the share decoding takes of an image's cost.\n")
+    print("| image | KB | " + " | ".join(f"{n} ms" for n in names) + " | augmentation ms | decode share (Pillow) "
+          "| reduction the paper's global crops allow |")
+    print("|---|---:|" + "---:|" * len(names) + "---:|---:|---:|")
+    for r in rows:
+        pil_ms, augment_ms = r["decode_ms"]["Pillow"], r["augment_ms"]
+        print(f"| {r['size']} | {r['kilobytes']:.0f} | " + " | ".join(f"{r['decode_ms'][n]:.2f}" for n in names)
+              + f" | {augment_ms:.2f} | {100 * pil_ms / (pil_ms + augment_ms):.0f}% | 1/{r['draft_factor']} |")
+    print("\nReduced-size decoding is only faithful where every global crop box stays at least 224 pixels on "
+          "its short side after the reduction (last column); below that the crops would be upsampled.\n")
+
+
 def training_section(args) -> None:
     tool = _load_tool("bench_training")
     print("## Training step\n")
@@ -269,6 +359,7 @@ def _load_tool(name: str):
 # here (with its own arguments in ``main``'s parser); ``--only`` offers exactly these names.
 SECTIONS = {
     "augmentation": augmentation_section,
+    "decode": decode_section,
     "loader": loader_section,
     "training": training_section,
 }
