@@ -278,16 +278,17 @@ def use_batch(trainer: DINOTrainer, batch: int) -> None:
 
 
 def time_steps(trainer: DINOTrainer, warmup: int, iters: int,
-               probe: Callable[[], dict]) -> tuple[list[float], list[dict]]:
-    """Seconds of each of ``iters`` calls of ``run_step`` after ``warmup`` untimed ones, and the
-    result of ``probe()`` (the matmul peaks) taken right before each timed call. On a GPU the device
-    is synchronized before and after each timed step.
+               probe: Callable[[], dict]) -> tuple[list[float], list[dict], list[float]]:
+    """Seconds of each of ``iters`` calls of ``run_step`` after ``warmup`` untimed ones, the result
+    of ``probe()`` (the matmul peaks) taken right before each timed call, and the seconds of each
+    warm-up call (the first includes ``MODEL.COMPILE``'s compilation). On a GPU the device is
+    synchronized before and after each step.
 
     Iterations are numbered from the end of the prototype-layer freeze (the whole model is updated).
     """
     device = trainer.device.type
     first = trainer.cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS * trainer.iters_per_epoch
-    times, probes = [], []
+    times, probes, warmup_times = [], [], []
     for i in range(warmup + iters):
         trainer.iter = trainer.storage.iter = first + i
         if i >= warmup:
@@ -296,9 +297,8 @@ def time_steps(trainer: DINOTrainer, warmup: int, iters: int,
         start = time.perf_counter()
         trainer.run_step()
         synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, probes
+        (times if i >= warmup else warmup_times).append(time.perf_counter() - start)
+    return times, probes, warmup_times
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -371,14 +371,15 @@ def _measure(trainer: DINOTrainer, precision: str, batch: int, warmup: int, iter
         torch.cuda.reset_peak_memory_stats()
     with EventStorage(0) as trainer.storage:
         with OtherLoad() as other_load:
-            times, probes = time_steps(trainer, warmup, iters, lambda: {
+            times, probes, warmup_times = time_steps(trainer, warmup, iters, lambda: {
                 dtype: matmul_gflops(dtype, probe_size, device=device) for dtype in probe_dtypes})
         peak_memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
         flops = count_step_flops(trainer)
         profiled = profile_steps(trainer.run_step, profile, device=device) if profile else None
     h2d = host_to_device_ms(fixed_batch(trainer.cfg, batch)[0]) if device == "cuda" else None
     return dict(precision=precision, batch=batch, times=times, probes=probes, flops=flops,
-                other_load=other_load.share, peak_memory=peak_memory, h2d_ms=h2d, profile=profiled)
+                other_load=other_load.share, peak_memory=peak_memory, h2d_ms=h2d, profile=profiled,
+                warmup_times=warmup_times)
 
 
 def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8, warmup: int = 2,
@@ -473,7 +474,7 @@ def bench_training(precisions: Sequence[str] = ("fp32", "bf16"), batch: int = 8,
                               if device == "cuda" else None),
             sweep_peak_gflops=sweep[dtype], mfu_vs_sweep_peak=flops / step / 1e9 / sweep[dtype],
             threads=torch.get_num_threads(), other_load=m["other_load"], peak_memory_bytes=m["peak_memory"],
-            h2d_ms=m["h2d_ms"], profile=m["profile"],
+            h2d_ms=m["h2d_ms"], profile=m["profile"], warmup_s=m["warmup_times"],
         ))
     for r in rows:
         fp32 = next((f for f in rows if f["precision"] == "fp32" and f["batch"] == r["batch"] and "error" not in f),
@@ -578,6 +579,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"- Strictest reference, the best rate of a sweep of {peak_sizes} square matmuls before and after "
           "all steps: " + "; ".join(f"{r['precision']} batch {r['batch']}: {r['sweep_peak_gflops']:.1f} GFLOP/s, MFU "
                                     f"{100 * r['mfu_vs_sweep_peak']:.1f}%" for r in ok))
+    print("- Warm-up steps (s; the first includes MODEL.COMPILE's compilation): " + "; ".join(
+        f"{r['precision']} batch {r['batch']}: " + ", ".join(f"{t:.1f}" for t in r["warmup_s"]) for r in ok))
     print("- Steps (s): " + "; ".join(f"{r['precision']} batch {r['batch']}: "
                                       + ", ".join(f"{t:.3f}" for t in r["s_per_iter_all"]) for r in ok))
     if args.device == "cuda":
