@@ -67,6 +67,12 @@ _C.MODEL.BACKBONE.TIMM_MODEL = ""
 # 1.25x faster (float32 and bfloat16); timm's resnet18 equal in float32 and 0.73x under bfloat16
 # (tools/bench_training.py --channels-last). Measure before turning it on. No effect on a ViT.
 _C.MODEL.BACKBONE.CHANNELS_LAST = False
+# ViTs on a CPU under bfloat16 autocast: compute the attention kernel (F.scaled_dot_product_attention)
+# in float32, the rest of the step in bfloat16. "auto": on when the CPU has no AMX tiles, where
+# torch's bfloat16 flash attention is slower than its float32 one (ViT-S/16 step on a 2-core
+# AVX512_BF16 CPU: attention backward 963 ms in bfloat16 against 323 ms in float32, see README
+# Benchmarks); "on" / "off" force it. No effect in float32, on GPUs or on convnets.
+_C.MODEL.BACKBONE.CPU_ATTENTION_FLOAT32 = "auto"
 
 _C.MODEL.HEAD = CN()
 # HEAD_REGISTRY name of the projection head put on top of the backbone.

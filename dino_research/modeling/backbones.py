@@ -22,7 +22,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import models as tv_models
 
-from ..config.checks import check_value, declare_batchnorm_backbone
+from ..config.checks import check_value, declare_batchnorm_backbone, declare_choices
 from .build import BACKBONE_REGISTRY
 from .pos_embed import exporting, resize_pos_embed_traceable
 
@@ -53,6 +53,11 @@ class DINOAttention(Attention):
     options on top (qk-norm, scale-norm, gating, masks): they are rejected at construction.
     """
 
+    # On a CPU under bfloat16/float16 autocast: run the attention kernel on float32 q, k, v (set by
+    # the builder from MODEL.BACKBONE.CPU_ATTENTION_FLOAT32). torch's CPU flash attention is slower in
+    # bfloat16 than in float32 without AMX tiles: 3x in the backward of ViT-S/16's step.
+    cpu_float32 = False
+
     def __init__(self, dim: int, num_heads: int = 8, **kwargs):
         super().__init__(dim, num_heads=num_heads, **kwargs)
         # getattr: older timm 1.0.x releases have no scale-norm or gate attributes at all.
@@ -69,7 +74,12 @@ class DINOAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, N, head_dim)
         if self.fused_attn:
+            low = self.cpu_float32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            if low:
+                q, k, v = q.float(), k.float(), v.float()
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            if low:
+                x = x.to(qkv.dtype)  # the projection below runs in the autocast dtype again
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = self.attn_drop(attn) @ v
@@ -261,10 +271,25 @@ def _vit(cfg, drop_path_rate: float, embed_dim: int, num_heads: int) -> DINOVisi
     if embed_dim % num_heads:
         raise ValueError(f"MODEL.BACKBONE.NUM_HEADS = {num_heads} does not divide the width {embed_dim} of "
                          f"{cfg.MODEL.BACKBONE.NAME}; use a divisor of {embed_dim} (0 keeps the architecture's heads)")
-    return DINOVisionTransformer(
+    vit = DINOVisionTransformer(
         patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         drop_path_rate=drop_path_rate,
     )
+    float32_attention = cpu_float32_attention(cfg.MODEL.BACKBONE.CPU_ATTENTION_FLOAT32)
+    for block in vit.blocks:
+        block.attn.cpu_float32 = float32_attention
+    return vit
+
+
+declare_choices("MODEL.BACKBONE.CPU_ATTENTION_FLOAT32", ("auto", "on", "off"))
+
+
+def cpu_float32_attention(setting: str) -> bool:
+    """``MODEL.BACKBONE.CPU_ATTENTION_FLOAT32``: "auto" is on unless this CPU has AMX tiles (whose
+    bfloat16 attention kernels are the fast ones), "on" / "off" force it."""
+    if setting == "auto":
+        return not torch.cpu._is_amx_tile_supported()
+    return setting == "on"
 
 
 @BACKBONE_REGISTRY.register()

@@ -373,3 +373,46 @@ def test_num_heads_overrides_the_architectures_heads(make_tiny_cfg):
     cfg.MODEL.BACKBONE.NUM_HEADS = -1
     with pytest.raises(ConfigError, match="MODEL.BACKBONE.NUM_HEADS = -1"):
         build_backbone(cfg)
+
+
+@pytest.mark.parametrize("setting,kernel_dtype", [("on", torch.float32), ("off", torch.bfloat16)])
+def test_cpu_attention_float32_under_bfloat16_autocast(make_tiny_cfg, monkeypatch, setting, kernel_dtype):
+    """MODEL.BACKBONE.CPU_ATTENTION_FLOAT32: the attention kernel gets float32 q, k, v under bfloat16
+    autocast ("on") or bfloat16 ones ("off"); either way the block's output stays in the autocast
+    dtype and the gradients stay within bfloat16 rounding of the float32 ones."""
+    from dino_research.modeling import backbones, build_backbone
+
+    cfg = make_tiny_cfg(**{"MODEL.BACKBONE.NAME": "vit_tiny", "MODEL.BACKBONE.DEPTH": "2",
+                           "MODEL.BACKBONE.PATCH_SIZE": "4", "MODEL.BACKBONE.CPU_ATTENTION_FLOAT32": setting})
+    net = build_backbone(cfg)
+    assert all(block.attn.cpu_float32 == (setting == "on") for block in net.blocks)
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    x = torch.randn(4, 3, 28, 28)
+    reference = net(x)
+    reference.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    monkeypatch.setattr(backbones.F, "scaled_dot_product_attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        assert net.blocks[0].attn(torch.randn(2, 5, 192)).dtype == torch.bfloat16
+    assert set(seen) == {kernel_dtype}
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    for name, p in net.named_parameters():
+        scale = grads[name].abs().max().item() + 1e-12
+        torch.testing.assert_close(p.grad, grads[name], rtol=0.1, atol=0.05 * scale, msg=name)
+
+
+def test_cpu_attention_float32_auto_follows_amx(monkeypatch):
+    from dino_research.modeling.backbones import cpu_float32_attention
+
+    assert cpu_float32_attention("on") and not cpu_float32_attention("off")
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert cpu_float32_attention("auto") is (not amx)
