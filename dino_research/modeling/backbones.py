@@ -9,6 +9,7 @@ checkpoints load with ``strict=True``. No builder loads weights (that is the che
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import List
@@ -74,12 +75,12 @@ class DINOAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, N, head_dim)
         if self.fused_attn:
-            low = self.cpu_float32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            if low:
-                q, k, v = q.float(), k.float(), v.float()
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-            if low:
-                x = x.to(qkv.dtype)  # the projection below runs in the autocast dtype again
+            low = self.cpu_float32 and q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            # Autocast would cast float32 q, k, v back down for this op: it is switched off around it.
+            with torch.autocast("cpu", enabled=False) if low else contextlib.nullcontext():
+                if low:
+                    q, k, v = q.float(), k.float(), v.float()
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = self.attn_drop(attn) @ v
