@@ -3,6 +3,7 @@ checkpoint keys, and leaves the backbone that evaluations use uncompiled."""
 
 import pytest
 import torch
+from step_compare import assert_same_loss_and_gradients
 
 from dino_research.config.checks import ConfigError, check_config
 from dino_research.engine.trainer import compile_networks
@@ -19,19 +20,7 @@ def test_compiled_networks_match_the_plain_ones(make_tiny_cfg):
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert type(compiled.backbone_for_eval()) is type(plain.backbone_for_eval())  # evaluations: uncompiled
     crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]
-    losses = []
-    for model in (plain, compiled):
-        model.train()
-        loss = model({"crops": crops}, teacher_temp=0.04)["loss"]
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
-        if a.grad is None:
-            assert b.grad is None, name
-            continue
-        scale = a.grad.abs().max().item() + 1e-12
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+    assert_same_loss_and_gradients(plain, compiled, crops)
 
 
 def test_an_unknown_compile_mode_names_the_choices(make_tiny_cfg):
