@@ -6,10 +6,14 @@ import tempfile
 from tool_utils import load_tool
 
 from dino_research.utils.events import EventStorage
+from dino_research.utils.logger import setup_logger
 from dino_research.utils.profiling import STEP_PHASES, markdown_tables, profile_steps
 
 
 def test_profile_of_a_real_step_has_every_phase_and_the_matmuls():
+    # The trainer logs as it is built: point the library's logger at stdout only, not at the log.txt
+    # of an earlier test's deleted output folder.
+    setup_logger(None)
     bench = load_tool("bench_training")
     with tempfile.TemporaryDirectory() as out:
         trainer = bench.build_trainer("fp32", 2, out, bench.QUICK_OPTS)
