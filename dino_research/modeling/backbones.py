@@ -289,7 +289,8 @@ def cpu_float32_attention(setting: str) -> bool:
     """``MODEL.BACKBONE.CPU_ATTENTION_FLOAT32``: "auto" is on unless this CPU has AMX tiles (whose
     bfloat16 attention kernels are the fast ones), "on" / "off" force it."""
     if setting == "auto":
-        return not torch.cpu._is_amx_tile_supported()
+        # A private torch helper: a torch without it is treated as having no AMX.
+        return not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return setting == "on"
 
 
