@@ -13,10 +13,13 @@ each). The workers of one machine share its cores instead (:func:`cpu_threads_pe
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import logging
 import os
 import signal
 import socket
+import sys
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -133,6 +136,8 @@ def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, n
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} visible GPUs")
         torch.cuda.set_device(local_rank)
+    # A worker killed by a C++ abort or a segfault prints every thread's Python stack to stderr.
+    faulthandler.enable(all_threads=True)
     dist.init_process_group(backend=default_backend(), init_method=dist_url, world_size=world_size,
                             rank=global_rank, timeout=timeout)
     try:
@@ -140,8 +145,34 @@ def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, n
         # the launcher recognises; anything else keeps its traceback.
         with report_user_errors(rank=global_rank):
             main_func(*args)
-    finally:
+        gc.collect()  # a trainer kept alive by a reference cycle frees its loader workers and DDP now
+        # Leave together: no rank tears its connections down while rank 0 still writes the final
+        # checkpoint or a peer still talks to it.
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    _exit_finished_worker()
+
+
+def _exit_finished_worker() -> None:
+    """End a worker whose work is done and flushed, without the interpreter's shutdown.
+
+    A spawned worker otherwise finalizes Python and then runs the C++ global destructors, while
+    torch's background threads (gloo, autograd, the allocator's) may still wake up and take the
+    GIL: such a thread is then killed inside C++ code, and the process aborts with "terminate
+    called without an active exception" (SIGABRT) after a training that had finished and saved
+    everything; the launcher reports the job as failed. Seen once in CI on a 2-process gloo run.
+    Logs and standard streams are flushed first; this module starts no other process or thread.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream has nothing left to lose
+            pass
+    os._exit(0)
 
 
 def local_rank() -> int:

@@ -42,7 +42,7 @@ def _wait_for_iterations(out, n, proc, timeout=120):
 def test_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path, signum, num_gpus, workers):
     full = subprocess.run(_command(tmp_path / "full", num_gpus, workers), capture_output=True, text=True,
                           timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
+    assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-3000:]
     out = tmp_path / "stopped"
     proc = subprocess.Popen(_command(out, num_gpus, workers), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -55,7 +55,7 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path, signum, 
     assert 3 <= stopped_at < 24 and stopped_at == done  # nothing lost: the checkpoint is the last iteration
     assert f"stopped by {signal.Signals(signum).name}" in (out / "log.txt").read_text()
     resumed = subprocess.run(_command(out, num_gpus, workers), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     expected = load_file(str(tmp_path / "full" / LAST_CHECKPOINT))["model"]
     got = load_file(str(out / LAST_CHECKPOINT))["model"]
     for key in expected:
