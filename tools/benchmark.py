@@ -18,6 +18,11 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
   2000x1500) with Pillow, torchvision.io's decoder and Pillow's reduced-size decoding, next to the
   multi-crop augmentation's cost on the same image, and the reduction the paper's global crops allow.
 
+- ``jpeg``: from JPEG bytes (500x375) to what a loader worker sends, per core: the multi-crop
+  augmentation done in the worker against the split one (``INPUT.DEVICE_AUGMENTATION``: the worker
+  decodes, crops, resizes and flips; the training device does the rest), interleaved; with the device
+  stage's cost when the device is this CPU and the bytes sent per image.
+
 - ``loader``: the whole pretraining data loader (``PretrainLoader``: per-sample seeding, the same
   multi-crop augmentation, collation into batches of ``--loader-batch-size``, transfer from the
   worker processes, pinned memory when CUDA is available) over the same image, in images/s for each
@@ -336,6 +341,78 @@ def decode_section(args) -> None:
           "its short side after the reduction (last column); below that the crops would be upsampled.\n")
 
 
+def bench_jpeg_pipeline(iterations: int, repeats: int, size=(500, 375), finish_batch: int = 32) -> dict:
+    """Images/s per loader core from JPEG bytes to what the worker sends, with the work in the worker
+    (default) and split with the device (``INPUT.DEVICE_AUGMENTATION``), interleaved block by block from
+    the same seeds, one thread. Also: the device stage's ms per image when that device is this CPU
+    (batches of ``finish_batch``, one thread and all threads) and the bytes each path sends per image.
+    """
+    import io
+
+    from dino_research.data import collate_crops
+    from dino_research.data.datasets import to_rgb
+
+    data = jpeg_fixture(*size)
+    cfg = get_cfg()
+    in_worker, split = DINOMultiCrop(cfg), DINOMultiCrop(cfg, device_augmentation=True)
+    paths = {"in the worker (default)": in_worker, "split: the worker's part (INPUT.DEVICE_AUGMENTATION)": split}
+
+    def load_and_augment(augment):
+        return augment(to_rgb(Image.open(io.BytesIO(data))))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for augment in paths.values():
+            load_and_augment(augment)
+        seconds = {name: [] for name in paths}
+        for block in range(repeats):
+            for name in (list(paths) if block % 2 == 0 else list(reversed(paths))):
+                random.seed(block)
+                torch.manual_seed(block)
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    load_and_augment(paths[name])
+                seconds[name].append((time.perf_counter() - start) / iterations)
+        samples = [(load_and_augment(split), 0) for _ in range(finish_batch)]
+        batch, _ = collate_crops(samples)
+        finish_ms = {}
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            split.finish_batch(batch, "cpu")
+            start = time.perf_counter()
+            split.finish_batch(batch, "cpu")
+            finish_ms[count] = (time.perf_counter() - start) * 1e3 / finish_batch
+    finally:
+        torch.set_num_threads(threads)
+    sent = {name: sum(t.numel() * t.element_size() for t in (out if isinstance(out, list) else
+                                                             out["crops"] + [out["crop_params"]]))
+            for name, out in ((n, load_and_augment(a)) for n, a in paths.items())}
+    base = seconds[next(iter(paths))]
+    rows = [dict(path=name, images_per_s=statistics.median(1.0 / t for t in per_image),
+                 ms_per_image=1e3 * statistics.median(per_image), kilobytes_sent=sent[name] / 1e3,
+                 speedup=statistics.median(b / t for b, t in zip(base, per_image)))
+            for name, per_image in seconds.items()]
+    return dict(rows=rows, finish_ms=finish_ms, size=size, batch=finish_batch)
+
+
+def jpeg_pipeline_section(args) -> None:
+    size = (500, 375) if not args.quick else (64, 48)
+    result = bench_jpeg_pipeline(args.iterations, args.repeats, size, finish_batch=32 if not args.quick else 2)
+    print("## From JPEG to crops, per loader core\n")
+    print(f"A {size[0]}x{size[1]} JPEG (quality 90) decoded with Pillow and augmented with the paper's multi-crop "
+          f"(2x224 + 8x96), one thread; median of {args.repeats} interleaved blocks of {args.iterations} images.\n")
+    print("| path | images/s per core | ms/image | KB sent per image | speedup |")
+    print("|---|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        print(f"| {row['path']} | {row['images_per_s']:.1f} | {row['ms_per_image']:.2f} | "
+              f"{row['kilobytes_sent']:.0f} | {row['speedup']:.2f}x |")
+    cost = ", ".join(f"{ms:.2f} ms/image on {n} thread{'s' if n > 1 else ''}" for n, ms in result["finish_ms"].items())
+    print(f"\nThe split's device stage (jitter, grayscale, blur, solarization, normalization, batches of "
+          f"{result['batch']}) when the device is this CPU: {cost}. Target: >= 2x images/s per core for the "
+          f"worker; measured {result['rows'][-1]['speedup']:.2f}x.\n")
+
+
 def training_section(args) -> None:
     tool = _load_tool("bench_training")
     print("## Training step\n")
@@ -360,6 +437,7 @@ def _load_tool(name: str):
 SECTIONS = {
     "augmentation": augmentation_section,
     "decode": decode_section,
+    "jpeg": jpeg_pipeline_section,
     "loader": loader_section,
     "training": training_section,
 }

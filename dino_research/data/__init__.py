@@ -7,6 +7,7 @@ from .build import (
                     DatasetError,
                     build_augmentation,
                     build_dataset,
+                    device_stage,
                     fixed_subset,
 )
 from .datasets import UnreadableImageError
@@ -29,4 +30,5 @@ __all__ = [
     "build_pretrain_loader",
     "collate_crops",
     "derive_seed",
+    "device_stage",
 ]

@@ -20,7 +20,10 @@ the reference's. Only the pixel arithmetic is faster, and equal to it up to roun
 ``tests/data/test_augmentations.py`` checks against the reference pipeline that the draws are the
 same, that crops needing no resize have the same 8-bit values and that resized crops are close.
 The public interface is ``DINOMultiCrop(cfg)`` or ``DINOMultiCrop(**kwargs)``, then
-``aug(image) -> list[Tensor (3, h, w)]``.
+``aug(image) -> list[Tensor (3, h, w)]``. With ``device_augmentation`` (``INPUT.DEVICE_AUGMENTATION``)
+the same draws split the work: ``aug(image)`` returns the resized, flipped uint8 crops and their draws,
+and ``aug.finish_batch(batch, device)`` does the pixel operations on the collated batch
+(``device_augmentation.py``; the same bytes on a CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..config import configurable
 from ..config.checks import check_value
 from .build import AUGMENTATION_REGISTRY
 from .datasets import to_rgb
+from .device_augmentation import CropDraw, encode_draw, finish_crops
 from .pixel_ops import adjust_contrast_, adjust_hue, blend_, gaussian_blur, luma, solarize_, truncate_
 
 __all__ = ["DINOMultiCrop", "RandomGaussianBlur", "RandomSolarize"]
@@ -158,6 +162,7 @@ class DINOMultiCrop:
         solarize_threshold: int = 128,
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        device_augmentation: bool = False,
     ):
         self.global_crop_size = _checked("global_crop_size", global_crop_size)
         self.local_crop_size = _checked("local_crop_size", local_crop_size)
@@ -177,6 +182,8 @@ class DINOMultiCrop:
         self.solarize_threshold = _checked("solarize_threshold", solarize_threshold)
         self.mean = _floats("mean", mean)
         self.std = _floats("std", std)
+        # Colour, blur, solarization and normalization left to finish_batch (module device_augmentation).
+        self.device_augmentation = bool(device_augmentation)
         self._build_pipelines()
 
     @classmethod
@@ -200,6 +207,7 @@ class DINOMultiCrop:
             "solarize_threshold": c.SOLARIZE_THRESHOLD,
             "mean": c.MEAN,
             "std": c.STD,
+            "device_augmentation": c.DEVICE_AUGMENTATION,
         }
 
     # ------------------------------------------------------------------------------ pipelines
@@ -234,33 +242,56 @@ class DINOMultiCrop:
         self._scale = (1.0 / (255.0 * std)).astype(_f32)
         self._shift = (-mean / std).astype(_f32)
 
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        """``image`` (PIL, any mode) -> ``2 + local_crops_number`` tensors ``(3, h, w)``, global first."""
+    def __call__(self, image: Image.Image) -> list[torch.Tensor] | dict:
+        """``image`` (PIL, any mode) -> ``2 + local_crops_number`` tensors ``(3, h, w)``, global first.
+
+        With ``device_augmentation``: ``{"crops": [uint8 (3, h, w), ...], "crop_params": float64
+        (num_crops, CROP_PARAMS)}``, the crops resized and flipped, the rest for :meth:`finish_batch`.
+        """
         # (1, 3, H, W) uint8 over the (H, W, 3) pixels: the channels-last layout torch resizes fastest.
         pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).unsqueeze(0)
         # Reference order: global 1, global 2, then the local crops (fixes the random streams).
         specs = self._global + [self._local] * self.local_crops_number
+        if self.device_augmentation:
+            draws = [self._draw(pixels, spec) for spec in specs]
+            crops = [torch.from_numpy(np.ascontiguousarray(self._resized(pixels, spec, d))) for spec, d in
+                     zip(specs, draws)]
+            return {"crops": crops, "crop_params": torch.stack([encode_draw(d) for d in draws])}
         return [self._crop(pixels, spec) for spec in specs]
 
-    def _crop(self, pixels: torch.Tensor, spec: _CropSpec) -> torch.Tensor:
-        """One crop of ``pixels (1, 3, H, W)`` uint8 -> ``(3, size, size)`` normalized.
+    def _draw(self, pixels: torch.Tensor, spec: _CropSpec) -> CropDraw:
+        """The random draws of one crop of ``pixels (1, 3, H, W)``, in the reference's order: crop box,
+        flip, jitter (apply?, then order and factors), grayscale (torch); blur, solarization (Python's
+        ``random``). They depend on the image's size only, never on its pixels."""
+        box = spec.crop.get_params(pixels, spec.crop.scale, spec.crop.ratio)
+        flip = self.flip_prob > 0 and _torch_uniform() < self._p32["flip"]
+        jitter = None
+        if self._jitter is not None and not self._p32["jitter"] < _torch_uniform():  # as RandomApply
+            jit = self._jitter
+            order, *factors = T.ColorJitter.get_params(jit.brightness, jit.contrast, jit.saturation, jit.hue)
+            jitter = (tuple(order.tolist()), tuple(factors))
+        gray = self.grayscale_prob > 0 and _torch_uniform() < self._p32["grayscale"]
+        radius = spec.blur.draw() if spec.blur is not None else None
+        solarize = spec.solarize is not None and spec.solarize.draw()
+        return CropDraw(box, flip, jitter, gray, radius, solarize)
 
-        The random draws, in the reference's order: crop box, flip, jitter (apply?, then order and
-        factors), grayscale (torch); blur, solarization (Python's ``random``).
-        """
-        i, j, h, w = spec.crop.get_params(pixels, spec.crop.scale, spec.crop.ratio)
+    def _resized(self, pixels: torch.Tensor, spec: _CropSpec, draw: CropDraw) -> np.ndarray:
+        """The drawn box of ``pixels``, resized (bicubic, antialiased) and flipped: ``(3, size, size)`` uint8."""
+        i, j, h, w = draw.box
         size = spec.crop.size
         box = pixels[:, :, i : i + h, j : j + w]
         if (h, w) != tuple(size):  # like PIL, an equal size is not resampled
             box = F.interpolate(box, size=size, mode="bicubic", antialias=True)
-        crop = box[0].numpy()  # (3, size, size) uint8
-        if self.flip_prob > 0 and _torch_uniform() < self._p32["flip"]:
-            crop = crop[:, :, ::-1]
-        x = crop.astype(_f32, order="C")  # flipped and converted in one copy
-        if self._jitter is not None and not self._p32["jitter"] < _torch_uniform():  # as RandomApply
-            jit = self._jitter
-            order, *factors = T.ColorJitter.get_params(jit.brightness, jit.contrast, jit.saturation, jit.hue)
-            for index in order.tolist():
+        crop = box[0].numpy()
+        return crop[:, :, ::-1] if draw.flip else crop
+
+    def _crop(self, pixels: torch.Tensor, spec: _CropSpec) -> torch.Tensor:
+        """One crop of ``pixels (1, 3, H, W)`` uint8 -> ``(3, size, size)`` normalized, in this process."""
+        draw = self._draw(pixels, spec)
+        x = self._resized(pixels, spec, draw).astype(_f32, order="C")  # flipped and converted in one copy
+        if draw.jitter is not None:
+            order, factors = draw.jitter
+            for index in order:
                 factor = factors[index]
                 if factor is None:
                     continue
@@ -272,16 +303,40 @@ class DINOMultiCrop:
                     blend_(x, luma(x), factor)  # ImageEnhance.Color: blend with the L image
                 else:
                     x = adjust_hue(x, factor)
-        if self.grayscale_prob > 0 and _torch_uniform() < self._p32["grayscale"]:
+        if draw.gray:
             x[:] = luma(x)  # the L image on the three channels, as RandomGrayscale on RGB
-        radius = spec.blur.draw() if spec.blur is not None else None
-        if radius is not None:
-            x = gaussian_blur(x, radius)
-        if spec.solarize is not None and spec.solarize.draw():
-            solarize_(x, spec.solarize.threshold)
+        if draw.radius is not None:
+            x = gaussian_blur(x, draw.radius)
+        if draw.solarize:
+            solarize_(x, self.solarize_threshold)
         x *= self._scale
         x += self._shift
         return torch.from_numpy(x)
+
+    def finish_batch(self, batch: dict, device: torch.device | str = "cpu") -> dict:
+        """The device stage of ``device_augmentation``: ``batch`` as collated from samples of
+        :meth:`__call__` (uint8 crops, ``"crop_params"`` on the host) -> the same batch with
+        ``"crops"`` the normalized float32 crops ``(B, 3, h, w)`` on ``device`` and ``"crop_params"``
+        removed.
+
+        Every crop gets exactly the operations, in the order and with the factors, that the
+        in-worker path would apply (same bytes on a CPU): jitter, grayscale, blur, solarization,
+        normalization, batched over the crops that share an operation.
+        """
+        batch = dict(batch)
+        params = batch.pop("crop_params").cpu()  # (B, num_crops, CROP_PARAMS) float64; the loader's: no copy
+        scale = torch.from_numpy(self._scale).view(1, 3, 1, 1).to(device)
+        shift = torch.from_numpy(self._shift).view(1, 3, 1, 1).to(device)
+        crops = []
+        with torch.no_grad():
+            for c, crop in enumerate(batch["crops"]):
+                x = crop.to(device, non_blocking=True).float()
+                x = finish_crops(x, params[:, c], self.solarize_threshold)
+                x *= scale
+                x += shift
+                crops.append(x)
+        batch["crops"] = crops
+        return batch
 
     @property
     def num_crops(self) -> int:

@@ -8,6 +8,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch.utils.data import Dataset, Subset
 
+from ..config import ConfigError
 from ..config.checks import declare_registry_key
 from ..utils.errors import UserError
 from ..utils.registry import lookup
@@ -26,6 +27,10 @@ Called as ``obj(cfg) -> callable``; the callable maps one RGB ``PIL.Image`` to a
 ``(3, h_i, w_i)``, normalized, the crops the teacher sees (the global crops) first. Its attribute
 ``num_global_crops: int`` says how many of the leading crops are global. Randomness comes from
 ``random`` and ``torch``'s global generators, so seeding a data-loader worker makes it reproducible.
+
+An augmentation may split its work with the training device (``INPUT.DEVICE_AUGMENTATION``): its
+callable then returns a dict sample and it has ``finish_batch(batch, device) -> batch``, which turns
+the collated batch into the model's (normalized crops on ``device``); see ``DINOMultiCrop``.
 """
 
 DATASET_REGISTRY = Registry("DATASET")
@@ -49,6 +54,18 @@ def build_augmentation(cfg) -> Callable:
     aug = lookup(AUGMENTATION_REGISTRY, cfg.INPUT.AUGMENTATION, "INPUT.AUGMENTATION")(cfg)
     assert callable(aug), f"augmentation {cfg.INPUT.AUGMENTATION} must be callable"
     return aug
+
+
+def device_stage(cfg, augmentation) -> Callable | None:
+    """``augmentation.finish_batch`` when ``INPUT.DEVICE_AUGMENTATION`` is on (the trainer runs it on
+    each batch), else None. Raises ``ConfigError`` for an augmentation without a device stage."""
+    if not cfg.INPUT.DEVICE_AUGMENTATION:
+        return None
+    finish = getattr(augmentation, "finish_batch", None)
+    if finish is None or not getattr(augmentation, "device_augmentation", False):
+        raise ConfigError(f"INPUT.DEVICE_AUGMENTATION True: INPUT.AUGMENTATION {cfg.INPUT.AUGMENTATION!r} has no "
+                          f"device stage (finish_batch); use DINOMultiCrop or set INPUT.DEVICE_AUGMENTATION False")
+    return finish
 
 
 def build_dataset(cfg, name: str, root: str, train: bool, transform: Callable | None,

@@ -76,6 +76,9 @@ class SimpleTrainer:
         log_period: iterations between health metrics (and fault-counter reductions).
         world_size: processes taking part (collectives when > 1).
         total_batch: images per optimizer step over all processes (for images/s).
+        batch_transform: ``batch_transform(batch, device) -> batch``, run on each model batch as the
+            loader gave it (on the host) before the rest of it goes to ``device``: the device stage of
+            an augmentation that splits its work (``DINOMultiCrop.finish_batch``), None for none.
 
     After :meth:`train`, ``completed`` says whether the last iteration ran without an exception.
     """
@@ -85,7 +88,8 @@ class SimpleTrainer:
                  device: torch.device, ddp_model: Optional[nn.Module] = None, scaler=None,
                  amp_dtype: Optional[torch.dtype] = None, accumulate: int = 1, clip_grad: float = 0.0,
                  freeze_last_layer_epochs: int = 0, skip_nonfinite: int = 0, log_period: int = 20,
-                 world_size: int = 1, total_batch: Optional[int] = None):
+                 world_size: int = 1, total_batch: Optional[int] = None,
+                 batch_transform: Optional[Callable[[dict, torch.device], dict]] = None):
         if accumulate < 1:
             raise ValueError(f"accumulate (SOLVER.ACCUMULATE_STEPS) must be >= 1, got {accumulate}")
         missing = [k for k in OPTIMIZER_SCHEDULES if k not in schedules]
@@ -98,7 +102,7 @@ class SimpleTrainer:
         self.amp_dtype, self.accumulate, self.clip_grad = amp_dtype, accumulate, clip_grad
         self.freeze_last_layer_epochs, self.skip_nonfinite = freeze_last_layer_epochs, skip_nonfinite
         self.log_period, self.world_size = log_period, world_size
-        self.total_batch = total_batch
+        self.total_batch, self.batch_transform = total_batch, batch_transform
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         self.last_layer_params = model.last_layer_parameters()
         self.start_iter = self.iter = 0
@@ -190,7 +194,11 @@ class SimpleTrainer:
             data_time += time.perf_counter() - data_start
             if fault is not None:  # read the step's remaining micro-batches: the data stream stays aligned
                 continue
-            batch = to_device(as_model_batch(item), self.device)
+            batch = as_model_batch(item)
+            if self.batch_transform is not None:
+                with phase("step/augment"):
+                    batch = self.batch_transform(batch, self.device)
+            batch = to_device(batch, self.device)
             # Gradients are all-reduced on the last micro-batch only.
             sync = (self.ddp_model.no_sync() if self.world_size > 1 and micro < self.accumulate - 1
                     else contextlib.nullcontext())

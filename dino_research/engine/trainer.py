@@ -26,7 +26,7 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, check_amp, check_config, check_world_size
 from ..config.checks import check_value, declare_choices
-from ..data import build_augmentation, build_dataset, fixed_subset
+from ..data import build_augmentation, build_dataset, device_stage, fixed_subset
 from ..data.loader import build_pretrain_loader
 from ..modeling import build_model
 from ..solver import build_optimizer, build_schedules, total_batch_size
@@ -105,8 +105,13 @@ class DINOTrainer(SimpleTrainer):
             logger.info("glibc malloc keeps freed memory mapped (steadier CPU steps; utils/malloc.py)")
         self.accumulate = check_value("SOLVER.ACCUMULATE_STEPS", cfg.SOLVER.ACCUMULATE_STEPS)
 
+        augmentation = build_augmentation(cfg)
         dataset = fixed_subset(build_dataset(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_ROOT, train=True,
-                                             transform=build_augmentation(cfg)), cfg.DATASETS.TRAIN_SUBSET, cfg.SEED)
+                                             transform=augmentation), cfg.DATASETS.TRAIN_SUBSET, cfg.SEED)
+        batch_transform = device_stage(cfg, augmentation)
+        if batch_transform is not None:
+            logger.info("INPUT.DEVICE_AUGMENTATION: loader workers crop, resize and flip; colour jitter, "
+                        "grayscale, blur, solarization and normalization run batched on %s", self.device)
         batches_per_rank = len(dataset) // (cfg.SOLVER.BATCH_SIZE_PER_GPU * self.world_size)
         self.iters_per_epoch = batches_per_rank // self.accumulate
         if self.iters_per_epoch == 0:
@@ -153,6 +158,7 @@ class DINOTrainer(SimpleTrainer):
             accumulate=self.accumulate, clip_grad=cfg.SOLVER.CLIP_GRAD,
             freeze_last_layer_epochs=cfg.SOLVER.FREEZE_LAST_LAYER_EPOCHS, skip_nonfinite=cfg.SOLVER.SKIP_NONFINITE,
             log_period=cfg.LOG_PERIOD, world_size=self.world_size, total_batch=total_batch_size(cfg, self.world_size),
+            batch_transform=batch_transform,
         )
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, self.model, self.optimizer, self.scaler,
                                          is_main=comm.is_main_process())

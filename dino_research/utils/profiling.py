@@ -4,8 +4,9 @@
 :data:`STEP_PHASES`; a label costs ~1 us when no profiler runs). :func:`profile_steps` runs a few
 steps under the profiler and returns two tables:
 
-- phases: milliseconds per step of each label (forward, backward, clipping, optimizer, the model's
-  after-step update: EMA and center) and of the rest of the step (schedules, logging scalars);
+- phases: milliseconds per step of each label (the augmentation's device stage, forward, backward,
+  clipping, optimizer, the model's after-step update: EMA and center) and of the rest of the step
+  (schedules, logging scalars);
 - operators: the aten operators with the most *self* time per step (time inside the operator, not
   in the operators it calls), their share of the step and their calls per step.
 
@@ -24,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 __all__ = ["STEP_PHASES", "phase", "profile_steps", "markdown_tables"]
 
 # The record_function labels of run_step, in step order.
-STEP_PHASES = ("step/forward", "step/backward", "step/clip", "step/optimizer", "step/after_step")
+STEP_PHASES = ("step/augment", "step/forward", "step/backward", "step/clip", "step/optimizer", "step/after_step")
 
 
 def phase(name: str) -> record_function:
@@ -53,6 +54,8 @@ def profile_steps(step: Callable[[], None], steps: int = 2, top: int = 15, devic
     phases = []
     for name in STEP_PHASES:
         event = by_name.get(name)
+        if event is None and name == "step/augment":  # only with INPUT.DEVICE_AUGMENTATION
+            continue
         ms = event.cpu_time_total / 1e3 / steps if event is not None else 0.0
         phases.append({"phase": name.split("/", 1)[1], "ms": ms, "share": ms / step_ms})
     rest = step_ms - sum(p["ms"] for p in phases)

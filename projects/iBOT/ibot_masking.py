@@ -127,7 +127,16 @@ class iBOTMultiCrop:
                     ratio=cfg.IBOT.MASK_RATIO, aspect=cfg.IBOT.MASK_ASPECT)
 
     def __call__(self, image) -> dict:
-        crops = self.crops(image)
-        masks = [torch.from_numpy(draw_mask(self.grid, self.grid, self.probability, self.ratio, self.aspect))
-                 for _ in range(self.num_global_crops)]
-        return {"crops": crops, "masks": masks}
+        crops = self.crops(image)  # a dict with INPUT.DEVICE_AUGMENTATION (uint8 crops and their draws)
+        sample = dict(crops) if isinstance(crops, dict) else {"crops": crops}
+        sample["masks"] = [torch.from_numpy(draw_mask(self.grid, self.grid, self.probability, self.ratio,
+                                                      self.aspect)) for _ in range(self.num_global_crops)]
+        return sample
+
+    @property
+    def device_augmentation(self) -> bool:
+        return self.crops.device_augmentation
+
+    def finish_batch(self, batch: dict, device) -> dict:
+        """DINOMultiCrop's device stage; the masks pass through."""
+        return self.crops.finish_batch(batch, device)

@@ -314,6 +314,35 @@ def test_loader_batches_reach_the_device(tmp_path, device):
     trainer.loader.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_augmentations_device_stage_gives_the_in_worker_bytes_there(device):
+    """INPUT.DEVICE_AUGMENTATION's stage on ``device`` equals the in-worker crops computed on the CPU:
+    the same float32 operations, no fused rounding (on CUDA too), Pillow's blur in exact float64."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from dino_research.data import collate_crops
+    from dino_research.data.augmentations import DINOMultiCrop
+
+    settings = dict(global_crop_size=48, local_crop_size=24, local_crops_number=2, color_jitter_prob=1.0,
+                    grayscale_prob=0.3, local_blur_prob=1.0, global_solarize_probs=(0.5, 0.5))
+    plain, split = DINOMultiCrop(**settings), DINOMultiCrop(device_augmentation=True, **settings)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 70, 3), dtype=np.uint8))
+    expected, samples = [], []
+    for seed in range(8):
+        random.seed(seed), torch.manual_seed(seed)
+        expected.append(plain(image))
+        random.seed(seed), torch.manual_seed(seed)
+        samples.append((split(image), seed))
+    batch, _ = collate_crops(samples)
+    finished = split.finish_batch(batch, torch.device(device))
+    for c, crops in enumerate(finished["crops"]):
+        assert crops.device.type == device
+        assert torch.equal(crops.cpu(), torch.stack([e[c] for e in expected])), f"crop {c}"
+
+
 # ------------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("device,precision", [
     pytest.param("cpu", "fp16", id="cpu-scaler"),  # float32 with an enabled CPU GradScaler

@@ -112,6 +112,28 @@ def test_the_augmentation_adds_one_mask_per_global_crop_and_collates(tmp_path):
     assert tuple(batch["crops"][0].shape) == (2, 3, 32, 32) and labels.tolist() == [0, 1]
 
 
+def test_the_device_stage_passes_the_masks_and_gives_the_same_crops(tmp_path):
+    from PIL import Image
+
+    from dino_research.data import build_augmentation, collate_crops, device_stage
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    plain = build_augmentation(_cfg(tmp_path))
+    cfg = _cfg(tmp_path, "INPUT.DEVICE_AUGMENTATION", "True")
+    split = build_augmentation(cfg)
+    samples = {}
+    for name, aug in (("plain", plain), ("split", split)):
+        random.seed(0), torch.manual_seed(0)
+        samples[name] = [(aug(image), 0), (aug(image), 1)]
+    assert samples["split"][0][0]["crops"][0].dtype == torch.uint8
+    expected, _ = collate_crops(samples["plain"])
+    batch, _ = collate_crops(samples["split"])
+    got = device_stage(cfg, split)(batch, torch.device("cpu"))
+    assert set(got) == {"crops", "masks"}
+    for a, b in zip(got["crops"] + got["masks"], expected["crops"] + expected["masks"]):
+        assert torch.equal(a, b)
+
+
 def test_the_projects_keys_and_schedule():
     cfg = load_config(CONFIG, TINY + ["IBOT.PATCH_TEACHER_TEMP", "0.06", "SOLVER.EPOCHS", "3"])
     from dino_research.solver import build_schedules

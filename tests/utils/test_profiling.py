@@ -23,7 +23,8 @@ def test_profile_of_a_real_step_has_every_phase_and_the_matmuls():
             trainer.run_step()  # warm-up
             result = profile_steps(trainer.run_step, steps=2)
     phases = {p["phase"]: p for p in result["phases"]}
-    assert list(phases) == [name.split("/")[1] for name in STEP_PHASES] + ["rest of the step"]
+    # No device stage of the augmentation in this run: its label is left out, not shown as 0 ms.
+    assert list(phases) == [name.split("/")[1] for name in STEP_PHASES if name != "step/augment"] + ["rest of the step"]
     for name in ("forward", "backward", "clip", "optimizer", "after_step"):
         assert phases[name]["ms"] > 0, name  # every label of run_step was seen
     assert abs(sum(p["ms"] for p in result["phases"]) - result["step_ms"]) < 1e-6
