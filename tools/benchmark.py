@@ -26,7 +26,8 @@ Sections, in ``SECTIONS`` (``--only`` runs one; by default every section runs):
 - ``loader``: the whole pretraining data loader (``PretrainLoader``: per-sample seeding, the same
   multi-crop augmentation, collation into batches of ``--loader-batch-size``, transfer from the
   worker processes, pinned memory when CUDA is available) over the same image, in images/s for each
-  number of workers in ``--loader-workers`` (default 1, 2, 4, ... up to the machine's CPU count).
+  number of workers in ``--loader-workers`` (default 1, 2, 4, ... up to the machine's CPU count), with
+  the augmentation in the workers and with the workers' part of the split one.
   Timed: ``--loader-batches`` batches after the first ``max(1, workers)`` (worker start-up and the
   first prefetch are excluded).
 
@@ -202,14 +203,15 @@ class _SameImage(torch.utils.data.Dataset):
         return self.transform(self.image), 0
 
 
-def bench_loader(workers: list[int], batches: int, batch_size: int) -> list[dict]:
-    """Images/s of :class:`PretrainLoader` with the paper's multi-crop augmentation, per worker count.
+def bench_loader(workers: list[int], batches: int, batch_size: int, device_augmentation: bool = False) -> list[dict]:
+    """Images/s of :class:`PretrainLoader` with the paper's multi-crop augmentation, per worker count
+    (``device_augmentation``: the workers' part of the split augmentation only).
 
     Each worker count gets its own loader; the first ``max(1, w)`` batches (worker start-up, first
     prefetch) are not timed, the next ``batches`` are. Returns one row per count:
     ``{"workers", "images_per_s", "ms_per_batch", "speedup"}`` (speedup against the first count).
     """
-    image, augment = benchmark_image(), DINOMultiCrop(get_cfg())
+    image, augment = benchmark_image(), DINOMultiCrop(get_cfg(), device_augmentation=device_augmentation)
     pin = torch.cuda.is_available()
     rows = []
     for w in workers:
@@ -243,15 +245,22 @@ def default_loader_workers() -> list[int]:
 
 def loader_section(args) -> None:
     workers = args.loader_workers or default_loader_workers()
-    rows = bench_loader(workers, args.loader_batches, args.loader_batch_size)
+    paths = {"in the workers": False, "split: the workers' part": True}
+    results = {name: bench_loader(workers, args.loader_batches, args.loader_batch_size, split)
+               for name, split in paths.items()}
     print("## Data loader\n")
     print(f"`PretrainLoader`, paper multi-crop augmentation of one 500x375 RGB image, batches of "
           f"{args.loader_batch_size}, pinned memory {'on' if torch.cuda.is_available() else 'off'}; "
           f"{args.loader_batches} timed batches per row after the first max(1, workers); {os.cpu_count()} CPUs.\n")
-    print("| workers | images/s | ms/batch | speedup |")
-    print("|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_batch']:.1f} | {row['speedup']:.2f}x |")
+    print("Augmentation in the workers (default), or split with the training device (INPUT.DEVICE_AUGMENTATION: "
+          "the workers crop, resize and flip; the device stage is not timed here, see the JPEG section).\n")
+    print("| augmentation | workers | images/s | ms/batch | speedup |")
+    print("|---|---:|---:|---:|---:|")
+    base = results["in the workers"][0]["images_per_s"]
+    for name, rows in results.items():
+        for row in rows:
+            print(f"| {name} | {row['workers']} | {row['images_per_s']:.1f} | {row['ms_per_batch']:.1f} | "
+                  f"{row['images_per_s'] / base:.2f}x |")
     print()
 
 
