@@ -37,10 +37,12 @@ def test_benchmark_sections_run_and_print_their_tables(capsys, monkeypatch):
     decode = _table_rows(out, "64x48")
     assert len(decode) == 1 and all(float(cell) > 0 for cell in decode[0][2:7]), decode
     assert "## From JPEG to crops" in out
-    worker, split = _table_rows(out, "in the worker"), _table_rows(out, "split: the worker's part")
+    worker, split = _table_rows(out, "in the worker (default)"), _table_rows(out, "split: the worker's part")
     assert len(worker) == len(split) == 1 and worker[0][4] == "1.00x" and float(split[0][1]) > 0
     # uint8 crops and their draws instead of float32 crops: about a quarter of the bytes.
     assert 0.2 < float(split[0][3]) / float(worker[0][3]) < 0.3
+    loader = _table_rows(out, "in the workers") + _table_rows(out, "split: the workers' part")
+    assert [row[1] for row in loader] == ["0", "1", "0", "1"] and all(float(row[2]) > 0 for row in loader)
 
 
 def test_admissible_draft_factor_keeps_every_global_crop_at_least_224_pixels():
