@@ -114,6 +114,7 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("MODEL.LOSS.CENTER_MOMENTUM", UNIT),
     ("MODEL.TEACHER.MOMENTUM", UNIT),
     ("MODEL.TEACHER.MOMENTUM_END", UNIT),
+    ("MODEL.BACKBONE.TIMM_OUTPUT_STRIDE", ((lambda v: v in (0, 8, 16, 32)), "0 (the model's own), 8, 16 or 32")),
     ("INPUT.GLOBAL_CROP_SIZE", AT_LEAST_ONE),
     ("INPUT.LOCAL_CROPS_NUMBER", NON_NEGATIVE),
     ("INPUT.GLOBAL_CROPS_SCALE", _values(2, _between(0, 1, lo_open=True), ordered=True)),

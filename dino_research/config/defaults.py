@@ -62,6 +62,11 @@ _C.MODEL.BACKBONE.RESNET_WIDTH = 64
 # timm model name used when NAME is "timm" (e.g. "convnext_tiny", "xcit_small_12_p16_224").
 # Built with pretrained=False: weights only come from MODEL.WEIGHTS.
 _C.MODEL.BACKBONE.TIMM_MODEL = ""
+# Output stride of a timm convnet that supports it (ResNets, ConvNeXts, ...: timm's output_stride,
+# dilating the last stages instead of striding); 0 keeps the model's own (32 for a ResNet). On
+# 28-pixel images a ResNet-18 ends on a 1x1 map; 8 keeps a 4x4 one, at ~4.5x the cost per image
+# (README "What was tried").
+_C.MODEL.BACKBONE.TIMM_OUTPUT_STRIDE = 0
 # Channels-last (NHWC) memory layout for a convnet backbone's weights and inputs: the same values,
 # a different speed. Measured on a 2-core AVX-512 CPU, training step at 28 px: cifar_resnet width 32
 # 1.25x faster (float32 and bfloat16); timm's resnet18 equal in float32 and 0.73x under bfloat16

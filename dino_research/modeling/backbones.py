@@ -353,6 +353,15 @@ def timm(cfg, drop_path_rate: float) -> nn.Module:
             f"MODEL.BACKBONE.TIMM_MODEL = {name!r} is not a timm model; "
             f"timm.list_models('*{name.split('.')[0][:8]}*') lists similar names"
         )
-    model = timm_lib.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+    extra = {}
+    if cfg.MODEL.BACKBONE.TIMM_OUTPUT_STRIDE:
+        extra["output_stride"] = cfg.MODEL.BACKBONE.TIMM_OUTPUT_STRIDE
+    try:
+        model = timm_lib.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **extra)
+    except TypeError as e:
+        if not extra:
+            raise
+        raise ValueError(f"MODEL.BACKBONE.TIMM_OUTPUT_STRIDE = {extra['output_stride']}: timm model {name!r} does "
+                         f"not take an output_stride ({e}); set it to 0") from None
     model.embed_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return model

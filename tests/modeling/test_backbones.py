@@ -277,6 +277,19 @@ def test_timm_backbone_gets_drop_path_rate():
     assert max(rates) == pytest.approx(0.2)
 
 
+def test_timm_output_stride_keeps_a_larger_last_map_with_the_same_weights():
+    plain = build_backbone(_cfg("timm", TIMM_MODEL="resnet18"), drop_path_rate=0.0).eval()
+    dilated = build_backbone(_cfg("timm", TIMM_MODEL="resnet18", TIMM_OUTPUT_STRIDE=8), drop_path_rate=0.0).eval()
+    assert list(dilated.state_dict()) == list(plain.state_dict())  # dilation, not new layers
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert plain.forward_features(x).shape[-2:] == (1, 1)  # 28 / 32, rounded up
+        assert dilated.forward_features(x).shape[-2:] == (4, 4)  # 28 / 8, rounded up
+        assert dilated(x).shape == (2, 512)
+    with pytest.raises(ValueError, match="TIMM_OUTPUT_STRIDE"):
+        build_backbone(_cfg("timm", TIMM_MODEL="vit_tiny_patch16_224", TIMM_OUTPUT_STRIDE=8))
+
+
 @pytest.mark.parametrize("name", ["", "not_a_timm_model_xyz"])
 def test_timm_unknown_or_empty_name_raises(name):
     with pytest.raises(ValueError, match=r"MODEL\.BACKBONE\.TIMM_MODEL.*list_models"):
